@@ -1,0 +1,73 @@
+"""Reading what `prepare` and `extract` wrote: memory-mapped arrays, labels, class list,
+and `tf.data` pipelines over them that stream batches without loading a split into memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from src.config import resolve_path
+from src.stage import StageError
+
+
+def prepared_dir(cfg: DictConfig) -> Path:
+    return resolve_path(cfg.paths.prepared)
+
+
+def load_classes(cfg: DictConfig) -> list[str]:
+    """The class list `prepare` saved; label i is classes[i]."""
+    path = prepared_dir(cfg) / "classes.json"
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    return json.loads(path.read_text())
+
+
+def load_split(folder: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(`<name>_<split>.npy` memory-mapped read-only, labels) from a stage's output folder."""
+    array_path = folder / f"{name}_{split}.npy"
+    labels_path = folder / f"labels_{split}.npy"
+    for path in (array_path, labels_path):
+        if not path.is_file():
+            raise StageError(f"{path} not found: rerun the stage that writes it (dvc repro)")
+    return np.load(array_path, mmap_mode="r"), np.load(labels_path)
+
+
+def load_images(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared uint8 images (N, S, S, 3), memory-mapped, and their int labels."""
+    return load_split(prepared_dir(cfg), "images", split)
+
+
+def load_features(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cached conv-base features of a split, memory-mapped, and their labels."""
+    return load_split(resolve_path(cfg.paths.features), "features", split)
+
+
+def batches(
+    array: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle: bool = False, seed: int = 0
+):
+    """A `tf.data.Dataset` of (x, y) float32 batches (x only when labels is None) read from
+    a possibly memory-mapped array; reshuffled every epoch when `shuffle`."""
+    import tensorflow as tf
+
+    n = len(array)
+    epoch = [0]
+
+    def generate():
+        order = np.arange(n)
+        if shuffle:
+            np.random.default_rng(seed + epoch[0]).shuffle(order)
+            epoch[0] += 1
+        for start in range(0, n, batch_size):
+            index = np.sort(order[start : start + batch_size])  # sorted reads are cheaper on a memory map
+            x = np.asarray(array[index], dtype=np.float32)
+            yield x if labels is None else (x, labels[index])
+
+    x_spec = tf.TensorSpec((None, *array.shape[1:]), tf.float32)
+    spec = x_spec if labels is None else (x_spec, tf.TensorSpec((None,), tf.as_dtype(labels.dtype)))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    n_batches = -(-n // batch_size)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(n_batches))  # Keras knows the steps
+    return dataset.prefetch(tf.data.AUTOTUNE)

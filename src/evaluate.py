@@ -1,0 +1,218 @@
+"""Stage `evaluate`: score the final model (and the head alone) on the held-out test split,
+write metrics and plots, and log the whole pipeline run to MLflow.
+
+Writes to `<paths.reports>/`: `metrics.json` (test and head-only accuracy and loss, macro F1,
+stage timings; for `dvc metrics show`), `classification_report.csv` (per-class precision,
+recall, F1), `plots/confusion.csv` (for `dvc plots show`),
+`figures/{curves,confusion_matrix,misclassified}.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from src import datasets, models, stage, tracking
+from src.config import is_pretrained, resolve_path
+
+log = logging.getLogger(__name__)
+TIMED_STAGES = ("download", "prepare", "extract", "train_head", "finetune")
+
+
+def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) -> tuple[dict, np.ndarray]:
+    """Loss and accuracy of `model` on (x, y), and its (N, n_classes) probabilities."""
+    import keras
+
+    raw = model.predict(datasets.batches(x, None, batch_size), verbose=0)
+    probs = models.probabilities(raw)
+    _, _, loss_name = models.output_spec(n_classes)
+    loss_fn = keras.losses.get(loss_name)
+    y_true = y.astype(np.float32).reshape(-1, 1) if n_classes == 2 else y
+    loss = float(np.mean(keras.ops.convert_to_numpy(loss_fn(y_true, raw))))
+    accuracy = float(np.mean(probs.argmax(axis=1) == y))
+    return {"accuracy": round(accuracy, 6), "loss": round(loss, 6)}, probs
+
+
+def stage_seconds(cfg: DictConfig) -> dict[str, float]:
+    """Wall time of each earlier stage's last run, from its summary in reports/."""
+    seconds = {}
+    for name in TIMED_STAGES:
+        summary = stage.summary_path(cfg, name)
+        if summary.is_file():
+            seconds[name] = float(json.loads(summary.read_text()).get("seconds", 0))
+    return seconds
+
+
+def plot_curves(histories: dict[str, Path], path: Path) -> None:
+    """Loss and accuracy per epoch, head then fine-tune, train and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for phase, csv_path in histories.items():
+        frame = pd.read_csv(csv_path) if csv_path.is_file() else pd.DataFrame()
+        if frame.empty:
+            continue
+        epochs = frame["epoch"] + offset
+        for ax, metric in zip(axes, ("loss", "accuracy")):
+            ax.plot(epochs, frame[metric], "-o", ms=3, label=f"{phase} train")
+            ax.plot(epochs, frame[f"val_{metric}"], "-s", ms=3, label=f"{phase} val")
+        offset = int(epochs.max())
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.35 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0)
+    ax.set_yticks(ticks, classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    if len(classes) <= 15:
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                color="white" if value > matrix.max() / 2 else "black",
+            )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_misclassified(
+    images: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, limit: int = 16
+) -> int:
+    """A grid of (up to `limit`) misclassified test images with true and predicted class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(probs.argmax(axis=1) != y)[:limit]
+    cols = 4
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        pred = int(probs[i].argmax())
+        ax.imshow(images[i])
+        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred]} ({probs[i, pred]:.2f})", fontsize=9)
+    if not len(wrong):
+        axes.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return len(wrong)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate on the test split, write reports, log the run to MLflow."""
+    import keras
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    classes = datasets.load_classes(cfg)
+    n = len(classes)
+    reports = resolve_path(cfg.paths.reports)
+    model_dir = resolve_path(cfg.paths.models)
+    figures = reports / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    (reports / "plots").mkdir(parents=True, exist_ok=True)
+
+    images, y = datasets.load_images(cfg, "test")
+    final_model = keras.saving.load_model(model_dir / "final.keras")
+    test, probs = score(final_model, images, y, n, cfg.train.batch_size)
+    metrics = {"test": test}
+    if is_pretrained(cfg):
+        features, y_feat = datasets.load_features(cfg, "test")
+        head_model = keras.saving.load_model(model_dir / "head.keras")
+        metrics["head_test"], _ = score(head_model, features, y_feat, n, cfg.train.batch_size)
+    predicted = probs.argmax(axis=1)
+    report = classification_report(
+        y, predicted, labels=list(range(n)), target_names=classes, output_dict=True, zero_division=0
+    )
+    per_class = {
+        c: {k: round(float(report[c][k]), 6) for k in ("precision", "recall", "f1-score")} for c in classes
+    }
+    metrics["macro_f1"] = round(float(report["macro avg"]["f1-score"]), 6)
+    metrics["seconds"] = stage_seconds(cfg)
+    stage.write_json(reports / "metrics.json", metrics)
+    pd.DataFrame(report).transpose().to_csv(reports / "classification_report.csv")
+    pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in predicted]}).to_csv(
+        reports / "plots" / "confusion.csv", index=False
+    )
+
+    histories = {"head": reports / "head" / "history.csv", "finetune": reports / "finetune" / "history.csv"}
+    matrix = confusion_matrix(y, predicted, labels=list(range(n)))
+    plot_curves(histories, figures / "curves.png")
+    plot_confusion(matrix, classes, figures / "confusion_matrix.png")
+    n_wrong = plot_misclassified(images, y, probs, classes, figures / "misclassified.png")
+    log.info(
+        "test accuracy %.4f (head alone: %s), %d misclassified",
+        test["accuracy"],
+        metrics.get("head_test", {}).get("accuracy", "n/a"),
+        n_wrong,
+    )
+
+    result = {
+        "test": test,
+        "head_test": metrics.get("head_test"),
+        "per_class": per_class,
+        "misclassified": n_wrong,
+    }
+    if cfg.tracking.enabled:
+        flat = {f"test.{k}": v for k, v in test.items()}
+        flat.update({f"head_test.{k}": v for k, v in metrics.get("head_test", {}).items()})
+        flat["test.macro_f1"] = metrics["macro_f1"]
+        flat.update({f"test.f1.{c}": v["f1-score"] for c, v in per_class.items()})
+        flat.update({f"time.{name}_seconds": seconds for name, seconds in metrics["seconds"].items()})
+        prepared = datasets.prepared_dir(cfg)
+        info = json.loads((prepared / "info.json").read_text())
+        result["mlflow"] = tracking.log_pipeline_run(
+            cfg,
+            model=final_model,
+            classes=classes,
+            metrics=flat,
+            histories=histories,
+            artifacts=[
+                figures,
+                reports / "metrics.json",
+                reports / "classification_report.csv",
+                prepared / "classes.json",
+                prepared / "counts.csv",
+                prepared / "skipped.csv",
+            ],
+            fingerprint=info["fingerprint"],
+            image_size=cfg.dataset.image_size,
+        )
+    return result
+
+
+if __name__ == "__main__":
+    stage.main("evaluate", run)

@@ -1,0 +1,71 @@
+"""Stage `extract`: run the frozen conv base once over every split and cache its features.
+
+Batches stream from the memory-mapped prepared images through `tf.data`; features are
+written into a memory-mapped `.npy` file batch by batch, so memory does not grow with the
+dataset. A model trained from scratch has no conv base: then nothing is extracted and
+`train_head` trains the whole network on the images (the folder holds only `info.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+from omegaconf import DictConfig
+
+from src import datasets, models, stage
+from src.config import is_pretrained, resolve_path
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def extract_split(base, preprocess, images: np.ndarray, batch_size: int, out_path) -> tuple[int, ...]:
+    """Write base(preprocess(images)) to `out_path` as a float32 .npy, one batch at a time."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        return base(preprocess(x), training=False)
+
+    shape = (len(images), *base.output_shape[1:])
+    features = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+    start = 0
+    for batch in datasets.batches(images, None, batch_size):
+        out = forward(batch).numpy()
+        features[start : start + len(out)] = out
+        start += len(out)
+    features.flush()
+    del features
+    return shape
+
+
+def run(cfg: DictConfig) -> dict:
+    """Extract features of train/val/test with the configured backbone."""
+    final = resolve_path(cfg.paths.features)
+    out_dir = stage.staging_dir(final)
+    info: dict = {"model": cfg.model.name, "pretrained": is_pretrained(cfg), "splits": {}}
+    if is_pretrained(cfg):
+        base = models.conv_base(cfg.model, cfg.dataset.image_size)
+        preprocess = models.preprocessing(cfg.model)
+        prepared = datasets.prepared_dir(cfg)
+        for split in SPLITS:
+            images, labels = datasets.load_images(cfg, split)
+            shape = extract_split(
+                base, preprocess, images, cfg.train.batch_size, out_dir / f"features_{split}.npy"
+            )
+            shutil.copyfile(prepared / f"labels_{split}.npy", out_dir / f"labels_{split}.npy")
+            info["splits"][split] = {"images": len(images), "feature_shape": list(shape[1:])}
+            log.info("%s: features %s", split, shape)
+        info["feature_shape"] = list(base.output_shape[1:])
+    else:
+        log.info("%s trains from scratch: no conv base, nothing to extract", cfg.model.name)
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    stage.replace_dir(out_dir, final)
+    return info
+
+
+if __name__ == "__main__":
+    stage.main("extract", run)

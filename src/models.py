@@ -1,0 +1,189 @@
+"""Keras models of the pipeline: pretrained conv bases, their input preprocessing, the dense
+head, the from-scratch CNN, augmentation, and the full image -> class model.
+
+Every model here uses stock Keras layers only, so a saved `.keras` file loads anywhere with
+`keras.saving.load_model` (no custom objects to register)."""
+
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import DictConfig
+
+from src.config import BACKBONES, resolve_path
+
+# Channel means that VGG16 and ResNet50 (Keras' "caffe" preprocessing) subtract, in BGR order.
+CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def output_spec(n_classes: int) -> tuple[int, str, str]:
+    """(units, activation, loss): sigmoid + binary CE for 2 classes, softmax + sparse CE for more."""
+    if n_classes == 2:
+        return 1, "sigmoid", "binary_crossentropy"
+    return n_classes, "softmax", "sparse_categorical_crossentropy"
+
+
+def probabilities(raw: np.ndarray) -> np.ndarray:
+    """Model outputs as an (N, n_classes) probability matrix (a sigmoid output becomes 2 columns)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim == 2 and raw.shape[1] == 1:
+        return np.concatenate([1.0 - raw, raw], axis=1)
+    return raw
+
+
+def optimizer(name: str, learning_rate: float):
+    keras = _keras()
+    return {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[
+        name
+    ](learning_rate=learning_rate)
+
+
+def compile_model(model, n_classes: int, optimizer_name: str, learning_rate: float) -> None:
+    _, _, loss = output_spec(n_classes)
+    model.compile(optimizer=optimizer(optimizer_name, learning_rate), loss=loss, metrics=["accuracy"])
+
+
+def preprocessing(model_cfg: DictConfig):
+    """The input preprocessing of a model as a frozen layer on RGB 0-255 images.
+
+    VGG16/ResNet50 ("caffe"): RGB -> BGR and ImageNet mean subtraction, done by a fixed 1x1
+    convolution (a channel permutation plus bias), which equals `preprocess_input` exactly.
+    From scratch: scale to [0, 1]."""
+    keras = _keras()
+    if model_cfg.name not in BACKBONES:
+        return keras.layers.Rescaling(1.0 / 255, name="preprocess")
+    flip = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    for out_channel, in_channel in enumerate((2, 1, 0)):  # output BGR from input RGB
+        flip[0, 0, in_channel, out_channel] = 1.0
+    bias = -np.array(CAFFE_BGR_MEANS, dtype=np.float32)
+    layer = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False)
+    layer.build((None, None, None, 3))
+    layer.set_weights([flip, bias])
+    return layer
+
+
+def conv_base(model_cfg: DictConfig, image_size: int):
+    """The pretrained conv base (no top) with weights `imagenet`, a file path, or random (null)."""
+    keras = _keras()
+    app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[model_cfg.name]
+    weights = model_cfg.weights
+    if weights not in (None, "imagenet"):
+        weights = str(resolve_path(weights))
+    try:
+        return app(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
+    except Exception as err:
+        if weights == "imagenet":
+            from src.stage import StageError
+
+            raise StageError(
+                f"could not load the ImageNet weights of {model_cfg.name} ({err}). Keras downloads them "
+                "once into ~/.keras/models; offline, point model.weights at a local .weights.h5 file "
+                "(e.g. model.weights=/path/to/vgg16_imagenet_notop.weights.h5)"
+            ) from err
+        raise
+
+
+def augmentation(augment_cfg: DictConfig, seed: int):
+    """A Sequential of random image layers (identity at inference), or None when all are off."""
+    keras = _keras()
+    layers = []
+    if augment_cfg.flip:
+        layers.append(keras.layers.RandomFlip(augment_cfg.flip, seed=seed))
+    if augment_cfg.rotation:
+        layers.append(keras.layers.RandomRotation(augment_cfg.rotation, seed=seed))
+    if augment_cfg.translate:
+        layers.append(keras.layers.RandomTranslation(augment_cfg.translate, augment_cfg.translate, seed=seed))
+    if augment_cfg.shear:
+        layers.append(keras.layers.RandomShear(augment_cfg.shear, augment_cfg.shear, seed=seed))
+    if augment_cfg.zoom:
+        layers.append(keras.layers.RandomZoom(augment_cfg.zoom, seed=seed))
+    return keras.Sequential(layers, name="augmentation") if layers else None
+
+
+def _dense_stack(x, head_cfg: DictConfig, n_classes: int):
+    """[BN] -> Dense -> Dropout for each hidden size, then [BN] -> output layer."""
+    keras = _keras()
+    for i, units in enumerate(head_cfg.units):
+        if head_cfg.batchnorm:
+            x = keras.layers.BatchNormalization(name=f"head_bn{i}")(x)
+        x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
+        if head_cfg.dropout:
+            x = keras.layers.Dropout(head_cfg.dropout, name=f"head_dropout{i}")(x)
+    if head_cfg.batchnorm:
+        x = keras.layers.BatchNormalization(name="head_bn_out")(x)
+    units, activation, _ = output_spec(n_classes)
+    return keras.layers.Dense(units, activation=activation, name="predictions")(x)
+
+
+def head(head_cfg: DictConfig, feature_shape: tuple[int, ...], n_classes: int):
+    """The dense classifier that trains on cached conv features."""
+    keras = _keras()
+    inputs = keras.Input(shape=feature_shape, name="features")
+    pool = keras.layers.Flatten if head_cfg.pooling == "flatten" else keras.layers.GlobalAveragePooling2D
+    x = pool(name="head_pool")(inputs)
+    return keras.Model(inputs, _dense_stack(x, head_cfg, n_classes), name="head")
+
+
+def full_model(base, head_model, model_cfg: DictConfig, augment_cfg: DictConfig, seed: int):
+    """RGB image (0-255) -> [augmentation] -> preprocessing -> conv base -> head."""
+    keras = _keras()
+    size = base.input_shape[1]
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = inputs
+    augment = augmentation(augment_cfg, seed)
+    if augment is not None:
+        x = augment(x)  # random only while training
+    x = preprocessing(model_cfg)(x)
+    x = base(x, training=False)  # BatchNorm layers of the base stay in inference mode, even when unfrozen
+    outputs = head_model(x)
+    return keras.Model(inputs, outputs, name=f"{model_cfg.name}_classifier")
+
+
+def scratch_model(
+    model_cfg: DictConfig,
+    head_cfg: DictConfig,
+    augment_cfg: DictConfig,
+    image_size: int,
+    n_classes: int,
+    seed: int,
+):
+    """A small CNN trained from scratch: conv blocks, then the same dense stack as the head."""
+    keras = _keras()
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = inputs
+    augment = augmentation(augment_cfg, seed)
+    if augment is not None:
+        x = augment(x)
+    x = preprocessing(model_cfg)(x)
+    for block, filters in enumerate(model_cfg.filters):
+        for conv in range(model_cfg.convs_per_block):
+            x = keras.layers.Conv2D(
+                filters,
+                3,
+                padding="same",
+                use_bias=not model_cfg.batchnorm,
+                name=f"block{block + 1}_conv{conv + 1}",
+            )(x)
+            if model_cfg.batchnorm:
+                x = keras.layers.BatchNormalization(name=f"block{block + 1}_bn{conv + 1}")(x)
+            x = keras.layers.Activation("relu", name=f"block{block + 1}_relu{conv + 1}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{block + 1}_pool")(x)
+    pool = keras.layers.Flatten if head_cfg.pooling == "flatten" else keras.layers.GlobalAveragePooling2D
+    x = pool(name="head_pool")(x)
+    if not head_cfg.units and head_cfg.dropout:
+        x = keras.layers.Dropout(head_cfg.dropout, name="head_dropout")(x)
+    return keras.Model(inputs, _dense_stack(x, head_cfg, n_classes), name=f"{model_cfg.name}_classifier")
+
+
+def unfreeze_top(base, n_layers: int) -> list[str]:
+    """Make only the last `n_layers` layers of the base trainable; return their names."""
+    layers = base.layers[1:]  # skip the InputLayer: counting starts at the first conv layer
+    base.trainable = True
+    for layer in layers[: len(layers) - n_layers]:
+        layer.trainable = False
+    return [layer.name for layer in layers[len(layers) - n_layers :]] if n_layers else []

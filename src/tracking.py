@@ -1,0 +1,149 @@
+"""MLflow tracking: where runs go, and logging one pipeline run (params, per-epoch curves,
+test metrics, artifacts, tags and the registered model).
+
+Default store: SQLite at `<repo>/mlruns/mlflow.db` with artifacts under `<repo>/mlruns/artifacts`,
+no server needed, wherever the process was started. `MLFLOW_TRACKING_URI` or
+`tracking.uri` (e.g. http://127.0.0.1:5000) point it at a server instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import REPO_ROOT
+
+log = logging.getLogger(__name__)
+STORE_DIR = REPO_ROOT / "mlruns"
+
+
+def default_uri() -> str:
+    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local SQLite store."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def use_store(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and select (creating if needed) the experiment."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri == default_uri():
+            STORE_DIR.mkdir(exist_ok=True)
+            location = (STORE_DIR / "artifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.set_experiment(name).experiment_id
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Resolved config as dotted keys -> strings (lists kept as their YAML-ish text)."""
+    out: dict[str, str] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            out[prefix] = "null" if node is None else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def log_history(history_csv: Path, prefix: str, offset: int = 0) -> int:
+    """Log a history CSV as per-epoch metrics `<prefix>.<name>`; return the number of epochs."""
+    import mlflow
+
+    if not history_csv.is_file():
+        return 0
+    frame = pd.read_csv(history_csv)
+    for row in frame.to_dict("records"):
+        step = offset + int(row.pop("epoch"))
+        metrics = {f"{prefix}.{k}": float(v) for k, v in row.items() if pd.notna(v)}
+        mlflow.log_metrics(metrics, step=step)
+    return len(frame)
+
+
+def log_pipeline_run(
+    cfg: DictConfig,
+    *,
+    model,
+    classes: list[str],
+    metrics: dict[str, float],
+    histories: dict[str, Path],
+    artifacts: list[Path],
+    fingerprint: str,
+    image_size: int,
+) -> dict:
+    """Log one pipeline run to MLflow; return its run id, experiment id and model URI."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    experiment_id = use_store(cfg)
+    tags = {
+        "git_commit": git_commit(),
+        "dataset_fingerprint": fingerprint,
+        "preset": cfg.preset,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+    }
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"{cfg.preset}-{cfg.model.name}", tags=tags
+    ) as run:
+        params = flatten(cfg)
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(items[i : i + 100]))
+        offset = 0
+        for prefix, path in histories.items():
+            offset += log_history(path, prefix, offset)  # fine-tune epochs continue after the head's
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=path.name)
+            elif path.is_file():
+                mlflow.log_artifact(str(path))
+        mlflow.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, image_size, image_size, 3), "image")]),
+            outputs=Schema(
+                [TensorSpec(np.dtype(np.float32), (-1, 1 if len(classes) == 2 else len(classes)))]
+            ),
+        )
+        info = mlflow.tensorflow.log_model(
+            model,
+            name="model",
+            signature=signature,
+            registered_model_name=cfg.tracking.registered_model,
+            metadata={"classes": list(classes)},
+        )
+        log.info("MLflow run %s in %s", run.info.run_id, tracking_uri(cfg))
+        return {
+            "run_id": run.info.run_id,
+            "experiment_id": experiment_id,
+            "model_uri": info.model_uri,
+            "tracking_uri": tracking_uri(cfg),
+        }

@@ -1,0 +1,62 @@
+"""Stage `train_head`: the dense classifier on the cached conv features.
+
+Sigmoid + binary cross-entropy for 2 classes, softmax + sparse categorical cross-entropy for
+more; the weights of the epoch with the best val_loss are kept. With a from-scratch model
+(no conv base) this stage trains the whole CNN on the prepared images instead.
+Writes `<paths.models>/head.keras`, `<paths.models>/classes.json` and `<paths.reports>/head/history.csv`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from src import datasets, models, stage, training
+from src.config import is_pretrained, resolve_path
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train the head (or the from-scratch CNN) and save the best model and its history."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    classes = datasets.load_classes(cfg)
+    h = cfg.head
+    if is_pretrained(cfg):
+        x_train, y_train = datasets.load_features(cfg, "train")
+        x_val, y_val = datasets.load_features(cfg, "val")
+        model = models.head(h, x_train.shape[1:], len(classes))
+    else:
+        x_train, y_train = datasets.load_images(cfg, "train")
+        x_val, y_val = datasets.load_images(cfg, "val")
+        model = models.scratch_model(
+            cfg.model, h, cfg.augment, cfg.dataset.image_size, len(classes), cfg.seed
+        )
+    models.compile_model(model, len(classes), h.optimizer, h.learning_rate)
+    train_data = datasets.batches(x_train, y_train, h.batch_size, shuffle=True, seed=cfg.seed)
+    val_data = datasets.batches(x_val, y_val, h.batch_size)
+    model_dir = resolve_path(cfg.paths.models)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    stage.write_json(model_dir / "classes.json", classes)  # the models' label names, for predict
+    result = training.fit_best(
+        model,
+        train_data,
+        val_data,
+        h.epochs,
+        model_dir / "head.keras",
+        resolve_path(cfg.paths.reports) / "head" / "history.csv",
+    )
+    return {
+        **result,
+        "classes": len(classes),
+        "train": len(x_train),
+        "val": len(x_val),
+        "parameters": int(model.count_params()),
+    }
+
+
+if __name__ == "__main__":
+    stage.main("train_head", run)

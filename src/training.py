@@ -1,0 +1,78 @@
+"""Fitting shared by `train_head` and `finetune`: checkpoint on the best val_loss, restore it,
+save the model atomically and write the per-epoch history as CSV (for `dvc plots`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+
+
+def save_model(model, path: Path) -> Path:
+    """Save a Keras model to `path` (.keras) via a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
+    os.close(fd)
+    model.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_history(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def fit_best(model, train_data, val_data, epochs: int, model_path: Path, history_path: Path) -> dict:
+    """Train, keep the weights of the epoch with the lowest val_loss, save model and history."""
+    import keras
+
+    rows: list[dict] = []
+    best: dict = {"epoch": None, "val_loss": None, "val_accuracy": None}
+    if epochs > 0:
+        with tempfile.TemporaryDirectory(
+            dir=model_path.parent if model_path.parent.exists() else None
+        ) as tmp:
+            checkpoint = Path(tmp) / "best.weights.h5"
+            callback = keras.callbacks.ModelCheckpoint(
+                checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True
+            )
+            history = model.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=epochs,
+                callbacks=[callback],
+                shuffle=False,
+                verbose=2,
+            )  # batches arrive shuffled already
+            metrics = history.history
+            rows = [
+                {"epoch": i + 1, **{k: float(metrics[k][i]) for k in HISTORY_COLUMNS[1:] if k in metrics}}
+                for i in range(len(metrics["loss"]))
+            ]
+            best_row = min(rows, key=lambda r: r["val_loss"])
+            best = {
+                "epoch": best_row["epoch"],
+                "val_loss": best_row["val_loss"],
+                "val_accuracy": best_row["val_accuracy"],
+            }
+            model.load_weights(checkpoint)  # back to the best epoch
+            log.info(
+                "best epoch %d: val_loss %.4f val_accuracy %.4f",
+                best["epoch"],
+                best["val_loss"],
+                best["val_accuracy"],
+            )
+    save_model(model, model_path)
+    write_history(rows, history_path)
+    return {"epochs": epochs, "best": best}

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real config composed from conf/, shrunk to tiny real inputs.
+
+The datasets and ImageNet weights come from the `shared/` folder beside the repository
+(override with TL_SHARED_DIR)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from src.config import REPO_ROOT, compose, validate
+
+SHARED = Path(os.environ.get("TL_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+CATS_DOGS = SHARED / "data" / "cats_vs_dogs"
+GTSRB = SHARED / "data" / "gtsrb_40"
+VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
+
+
+def require_shared() -> None:
+    if not CATS_DOGS.is_dir() or not VGG16_WEIGHTS.is_file():
+        pytest.skip(f"shared datasets and weights not found under {SHARED} (set TL_SHARED_DIR)")
+
+
+def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
+    """The `ci` preset with every output under tmp_path and a private MLflow store."""
+    work = tmp_path / "work"
+    outputs = [
+        f"paths.{key}={work / key}"
+        for key in ("raw", "downloads", "prepared", "features", "models", "reports")
+    ]
+    cfg = compose(
+        [
+            "experiment=ci",
+            f"dataset.path={CATS_DOGS}",
+            f"model.weights={VGG16_WEIGHTS}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *outputs,
+            *overrides,
+        ]
+    )
+    return validate(cfg)
+
+
+@pytest.fixture
+def shared() -> Path:
+    require_shared()
+    return SHARED

@@ -1,0 +1,87 @@
+"""The config: params.yaml in sync with conf/, presets compose, bad values are refused early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from src.config import PARAMS_FILE, REPO_ROOT, ConfigError, compose, load_params, to_yaml, validate
+
+PRESETS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_params_yaml_matches_conf():
+    """params.yaml must be exactly what conf/ composes (regenerate: python -m src.params)."""
+    composed = compose()
+    assert OmegaConf.to_container(load_params()) == OmegaConf.to_container(composed), (
+        "params.yaml drifted from conf/: run `python -m src.params`"
+    )
+    assert PARAMS_FILE.read_text() == to_yaml(composed)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset):
+    cfg = compose([f"experiment={preset}"])
+    assert cfg.preset == preset
+    if cfg.dataset.path is None or Path(REPO_ROOT / cfg.dataset.path).is_dir():
+        validate(cfg)
+
+
+def test_presets_encode_their_recipes():
+    dlwp = compose(["experiment=dlwp_cats_vs_dogs"])
+    assert (dlwp.dataset.image_size, list(dlwp.head.units), dlwp.head.dropout) == (180, [256], 0.5)
+    assert (dlwp.finetune.layers, dlwp.finetune.learning_rate, dlwp.augment.flip) == (4, 1e-5, "horizontal")
+    gtsrb = compose(["experiment=gtsrb_finetune"])
+    assert gtsrb.finetune.layers == 8 and gtsrb.dataset.test_labels_csv == "Test.csv"
+    assert dict(gtsrb.dataset.limit_per_class) == {"train": 28, "val": 12, "test": None}
+    flowers = compose(["experiment=flowers_resnet50"])
+    assert (flowers.model.name, list(flowers.head.units), flowers.head.batchnorm) == (
+        "resnet50",
+        [2048, 1024],
+        True,
+    )
+    cifar = compose(["experiment=cifar10_baseline"])
+    assert (cifar.model.name, cifar.head.dropout, cifar.head.epochs) == ("small_cnn", 0.4, 15)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "hint"),
+    [
+        ("head.dropout=1.0", "head.dropout", "[0, 1)"),
+        ("head.dropout=-0.1", "head.dropout", "[0, 1)"),
+        ("finetune.layers=19", "finetune.layers", "vgg16 has 18 layers"),
+        ("dataset.name=imagenet", "dataset.name", "cats_vs_dogs"),
+        ("model.name=vgg19", "model.name", "resnet50"),
+        ("dataset.image_size=24", "dataset.image_size", "at least 32 px"),
+        ("dataset.path=/no/such/folder", "dataset.path", "existing folder"),
+        ("model.weights=/no/such.weights.h5", "model.weights", "imagenet"),
+        ("head.optimizer=adagrad", "head.optimizer", "rmsprop"),
+    ],
+)
+def test_bad_values_are_refused_naming_key_value_and_allowed(override, key, hint):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([override]))
+    message = str(err.value)
+    assert message.startswith(f"{key}=") and hint in message and override.split("=", 1)[1] in message
+
+
+def test_folder_dataset_needs_a_path():
+    with pytest.raises(ConfigError, match="dataset.path is required"):
+        validate(compose(["dataset=folder"]))
+
+
+def test_params_cli_refuses_bad_value_and_leaves_params_yaml_alone():
+    before = PARAMS_FILE.read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.params", "finetune.layers=40"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "finetune.layers=40" in proc.stderr and "0..18" in proc.stderr
+    assert PARAMS_FILE.read_text() == before

@@ -1,0 +1,106 @@
+"""The real thing: `dvc repro` of the `ci` preset in a temporary copy of the repository,
+caching (a second repro runs nothing, a head change reruns only what depends on it),
+`dvc exp run -S` reaching the stages through Hydra composition, and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.config import REPO_ROOT
+from tests.conftest import SHARED, require_shared
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(cwd: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z_]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git clone-like copy of the working tree with `../shared` beside it, as in CI."""
+    require_shared()
+    top = tmp_path_factory.mktemp("clone")
+    (top / "shared").symlink_to(SHARED)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    copy = top / "repo"
+    for name in files:
+        if (REPO_ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, copy / name)
+    sh(copy, "git", "init", "-q")
+    sh(copy, "git", "add", "-A")
+    sh(copy, "git", "commit", "-qm", "snapshot")
+    return copy
+
+
+def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
+    from mlflow import MlflowClient
+
+    sh(repo, "python", "-m", "src.params", "experiment=ci")
+    first = sh(repo, "dvc", "repro")
+    assert ran_stages(first) == {"download", "prepare", "extract", "train_head", "finetune", "evaluate"}
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and 0 <= metrics["head_test"]["accuracy"] <= 1
+    assert (repo / "models" / "final.keras").is_file() and (repo / "dvc.lock").is_file()
+    assert "test.accuracy" in sh(repo, "dvc", "metrics", "show")
+
+    # nothing changed: nothing runs
+    assert ran_stages(sh(repo, "dvc", "repro")) == set()
+
+    # the head's dropout feeds train_head, finetune and evaluate only
+    sh(repo, "python", "-m", "src.params", "experiment=ci", "head.dropout=0.3")
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"train_head", "finetune", "evaluate"}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer-learning")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.data.params["head.dropout"] for r in runs] == ["0.5", "0.3"]
+    run = runs[0]
+    assert run.data.tags["preset"] == "ci" and len(run.data.tags["git_commit"]) == 40
+    assert run.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert len(client.get_metric_history(run.info.run_id, "head.loss")) == 1
+    assert {"figures", "metrics.json", "classes.json", "config.yaml"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
+    assert len(client.search_model_versions("name='image-classifier-ci'")) == 2
+    assert not (repo / "outputs").exists()
+
+    # `dvc exp run -S` composes conf/ with Hydra into params.yaml, and the stages see it
+    output = sh(repo, "dvc", "exp", "run", "-S", "experiment=ci", "-S", "head.dropout=0.25")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["head"]["dropout"] == 0.25 and params["preset"] == "ci"
+    assert ran_stages(output) == {"train_head", "finetune", "evaluate"}
+    latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    assert latest.data.params["head.dropout"] == "0.25"

@@ -1,0 +1,149 @@
+"""Each stage in turn on a tiny real input (the `ci` preset: 64 px cats vs dogs, real ImageNet
+VGG16 weights), then the from-scratch route and `src.predict` on the saved model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src import predict
+from src.train import train as run_all
+from tests.conftest import CATS_DOGS, GTSRB, make_cfg, require_shared
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    require_shared()
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = make_cfg(tmp, "head.epochs=2")
+    return cfg, tmp, run_all(cfg)
+
+
+def test_extract_caches_vgg16_features_equal_to_keras_preprocess_and_predict(pipeline):
+    import keras
+
+    cfg, tmp, results = pipeline
+    features_dir = tmp / "work" / "features"
+    feats = np.load(features_dir / "features_test.npy", mmap_mode="r")
+    images = np.load(tmp / "work" / "prepared" / "images_test.npy")
+    assert feats.shape == (32, 2, 2, 512) and results["extract"]["splits"]["train"]["images"] == 80
+    assert np.array_equal(
+        np.load(features_dir / "labels_test.npy"), np.load(tmp / "work" / "prepared" / "labels_test.npy")
+    )
+    base = keras.applications.VGG16(weights=cfg.model.weights, include_top=False, input_shape=(64, 64, 3))
+    reference = base.predict(
+        keras.applications.vgg16.preprocess_input(images[:4].astype("float32")), verbose=0
+    )
+    np.testing.assert_allclose(feats[:4], reference, rtol=1e-4, atol=1e-3)
+
+
+def test_train_head_keeps_best_epoch_and_writes_history(pipeline):
+    _, tmp, results = pipeline
+    history = pd.read_csv(tmp / "work" / "reports" / "head" / "history.csv")
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert history.epoch.tolist() == [1, 2]
+    best = results["train_head"]["best"]
+    assert best["val_loss"] == pytest.approx(history.val_loss.min())
+    assert (tmp / "work" / "models" / "head.keras").is_file()
+    assert json.loads((tmp / "work" / "models" / "classes.json").read_text()) == ["cats", "dogs"]
+
+
+def test_finetune_unfreezes_exactly_block5(pipeline):
+    import keras
+
+    cfg, tmp, results = pipeline
+    assert results["finetune"]["unfrozen"] == ["block5_conv1", "block5_conv2", "block5_conv3", "block5_pool"]
+    model = keras.saving.load_model(tmp / "work" / "models" / "final.keras")
+    base = model.get_layer("vgg16")
+    original = keras.applications.VGG16(weights=cfg.model.weights, include_top=False, input_shape=(64, 64, 3))
+    for name in ("block4_conv3", "block5_conv3"):
+        changed = not np.allclose(
+            base.get_layer(name).get_weights()[0], original.get_layer(name).get_weights()[0]
+        )
+        assert changed == (name == "block5_conv3"), name
+    assert len(pd.read_csv(tmp / "work" / "reports" / "finetune" / "history.csv")) == 1
+
+
+def test_evaluate_writes_metrics_plots_and_one_mlflow_run(pipeline):
+    from mlflow import MlflowClient
+
+    cfg, tmp, results = pipeline
+    reports = tmp / "work" / "reports"
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert set(metrics) == {"test", "head_test", "macro_f1", "seconds"}
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["loss"] > 0
+    assert set(metrics["seconds"]) == {"download", "prepare", "extract", "train_head", "finetune"}
+    assert set(results["evaluate"]["per_class"]) == {"cats", "dogs"}
+    report = pd.read_csv(reports / "classification_report.csv", index_col=0)
+    assert {"cats", "dogs", "macro avg"} <= set(report.index)
+    confusion = pd.read_csv(reports / "plots" / "confusion.csv")
+    assert len(confusion) == 32 and set(confusion.actual) == {"cats", "dogs"}
+    assert {p.name for p in (reports / "figures").iterdir()} == {
+        "curves.png",
+        "confusion_matrix.png",
+        "misclassified.png",
+    }
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(results["evaluate"]["mlflow"]["run_id"])
+    assert run.data.params["finetune.layers"] == "4" and run.data.params["preset"] == "ci"
+    assert run.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "head.val_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "finetune.val_loss")] == [3]
+    assert run.data.tags["dataset_fingerprint"] == results["prepare"]["fingerprint"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"figures", "metrics.json", "classes.json", "config.yaml", "counts.csv"} <= artifacts
+    versions = client.search_model_versions(f"name='{cfg.tracking.registered_model}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+
+
+def test_predict_classifies_validation_images(pipeline, capsys):
+    _, tmp, _ = pipeline
+    folder = CATS_DOGS / "validation" / "dogs"
+    files = sorted(folder.iterdir())[:3]
+    model, classes = predict.load_model(str(tmp / "work" / "models" / "final.keras"))
+    rows = predict.predict(model, classes, files)
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    assert all(r["class"] in ("cats", "dogs") and 0.5 <= r["probability"] <= 1.0 for r in rows)
+    assert predict.main([str(files[0]), "--model", str(tmp / "work" / "models" / "final.keras")]) == 0
+    out = capsys.readouterr().out.strip().split("\t")
+    assert out[0] == str(files[0]) and out[1] in ("cats", "dogs")
+
+
+def test_predict_from_mlflow_registry(pipeline, monkeypatch):
+    cfg, _, results = pipeline
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.tensorflow.load_model(f"models:/{cfg.tracking.registered_model}/1")
+    info = mlflow.models.get_model_info(f"models:/{cfg.tracking.registered_model}/1")
+    assert info.metadata["classes"] == ["cats", "dogs"]
+    assert model.input_shape == (None, 64, 64, 3)
+
+
+def test_from_scratch_model_flows_through_the_same_stages(tmp_path):
+    require_shared()
+    cfg = make_cfg(
+        tmp_path,
+        "model=small_cnn",
+        "model.weights=null",
+        "model.filters=[8,16]",
+        "finetune=none",
+        f"dataset.path={GTSRB}",
+        "dataset.test_labels_csv=Test.csv",
+        "dataset.image_size=32",
+        "dataset.limit_per_class.train=4",
+        "dataset.limit_per_class.val=2",
+        "dataset.limit_per_class.test=2",
+        "head.epochs=1",
+        "tracking.enabled=false",
+    )
+    results = run_all(cfg)
+    assert results["extract"]["pretrained"] is False
+    assert [p.name for p in (tmp_path / "work" / "features").iterdir()] == ["info.json"]
+    assert results["finetune"]["unfrozen"] == [] and results["finetune"]["epochs"] == 0
+    assert results["evaluate"]["head_test"] is None and "mlflow" not in results["evaluate"]
+    assert len(results["evaluate"]["per_class"]) == 43
