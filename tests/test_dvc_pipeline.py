@@ -104,3 +104,30 @@ def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
     assert ran_stages(output) == {"train_head", "finetune", "evaluate"}
     latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
     assert latest.data.params["head.dropout"] == "0.25"
+
+
+def test_src_train_runs_all_stages_from_conf(tmp_path):
+    """`python -m src.train` composes conf/ with Hydra (no params.yaml) and runs every stage."""
+    require_shared()
+    work = tmp_path / "work"
+    outputs = [
+        f"paths.{k}={work / k}" for k in ("raw", "downloads", "prepared", "features", "models", "reports")
+    ]
+    sh(
+        REPO_ROOT,
+        "python",
+        "-m",
+        "src.train",
+        "experiment=ci",
+        f"dataset.path={SHARED / 'data' / 'cats_vs_dogs'}",
+        f"model.weights={SHARED / 'weights' / 'vgg16_imagenet_notop.weights.h5'}",
+        "finetune.layers=2",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *outputs,
+    )
+    summary = json.loads((work / "reports" / "finetune.json").read_text())
+    assert summary["unfrozen"] == ["block5_conv3", "block5_pool"]
+    assert (work / "reports" / "metrics.json").is_file() and (
+        tmp_path / "hydra" / ".hydra" / "config.yaml"
+    ).is_file()
