@@ -19,6 +19,7 @@ BACKBONES = {"vgg16": {"layers": 18, "min_size": 32}, "resnet50": {"layers": 174
 SCRATCH_MODELS = ("small_cnn",)
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 POOLINGS = ("flatten", "avg")
+HEAD_ACTIVATIONS = ("relu", "gelu", "tanh", None)
 FLIPS = (None, "horizontal", "vertical", "horizontal_and_vertical")
 SPLIT_SOURCES = ("train", "val")
 
@@ -140,6 +141,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             )
     _check_fraction(cfg, "head.dropout")
     _check_choice(cfg, "head.pooling", POOLINGS)
+    _check_choice(cfg, "head.activation", HEAD_ACTIVATIONS)
     _check_choice(cfg, "head.optimizer", OPTIMIZERS)
     _check_choice(cfg, "finetune.optimizer", OPTIMIZERS)
     _check_choice(cfg, "augment.flip", FLIPS)

@@ -111,7 +111,7 @@ def _dense_stack(x, head_cfg: DictConfig, n_classes: int):
     for i, units in enumerate(head_cfg.units):
         if head_cfg.batchnorm:
             x = keras.layers.BatchNormalization(name=f"head_bn{i}")(x)
-        x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
+        x = keras.layers.Dense(units, activation=head_cfg.activation, name=f"head_dense{i}")(x)
         if head_cfg.dropout:
             x = keras.layers.Dropout(head_cfg.dropout, name=f"head_dropout{i}")(x)
     if head_cfg.batchnorm:

@@ -60,6 +60,7 @@ def test_presets_encode_their_recipes():
         ("dataset.path=/no/such/folder", "dataset.path", "existing folder"),
         ("model.weights=/no/such.weights.h5", "model.weights", "imagenet"),
         ("head.optimizer=adagrad", "head.optimizer", "rmsprop"),
+        ("head.activation=swish", "head.activation", "relu"),
     ],
 )
 def test_bad_values_are_refused_naming_key_value_and_allowed(override, key, hint):
