@@ -48,6 +48,17 @@ def stage_seconds(cfg: DictConfig) -> dict[str, float]:
     return seconds
 
 
+def val_accuracy(cfg: DictConfig) -> float | None:
+    """Validation accuracy of the final model: fine-tune's best epoch, else the head's."""
+    for name in ("finetune", "train_head"):
+        summary = stage.summary_path(cfg, name)
+        if summary.is_file():
+            best = json.loads(summary.read_text()).get("best") or {}
+            if best.get("val_accuracy") is not None:
+                return float(best["val_accuracy"])
+    return None
+
+
 def plot_curves(histories: dict[str, Path], path: Path) -> None:
     """Loss and accuracy per epoch, head then fine-tune, train and validation."""
     import matplotlib
@@ -162,6 +173,8 @@ def run(cfg: DictConfig) -> dict:
     }
     metrics["macro_f1"] = round(float(report["macro avg"]["f1-score"]), 6)
     metrics["seconds"] = stage_seconds(cfg)
+    if (val := val_accuracy(cfg)) is not None:
+        metrics["val"] = {"accuracy": round(val, 6)}
     stage.write_json(reports / "metrics.json", metrics)
     pd.DataFrame(report).transpose().to_csv(reports / "classification_report.csv")
     pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in predicted]}).to_csv(
@@ -181,6 +194,7 @@ def run(cfg: DictConfig) -> dict:
     )
 
     result = {
+        "val": metrics.get("val"),
         "test": test,
         "head_test": metrics.get("head_test"),
         "per_class": per_class,
@@ -190,6 +204,8 @@ def run(cfg: DictConfig) -> dict:
         flat = {f"test.{k}": v for k, v in test.items()}
         flat.update({f"head_test.{k}": v for k, v in metrics.get("head_test", {}).items()})
         flat["test.macro_f1"] = metrics["macro_f1"]
+        if "val" in metrics:
+            flat["val.accuracy"] = metrics["val"]["accuracy"]
         flat.update({f"test.f1.{c}": v["f1-score"] for c, v in per_class.items()})
         flat.update({f"time.{name}_seconds": seconds for name, seconds in metrics["seconds"].items()})
         prepared = datasets.prepared_dir(cfg)

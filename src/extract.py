@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 from omegaconf import DictConfig
 
-from src import datasets, models, stage
+from src import cache, datasets, models, stage
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,12 @@ def run(cfg: DictConfig) -> dict:
     """Extract features of train/val/test with the configured backbone."""
     final = resolve_path(cfg.paths.features)
     out_dir = stage.staging_dir(final)
-    info: dict = {"model": cfg.model.name, "pretrained": is_pretrained(cfg), "splits": {}}
+    info: dict = {
+        "model": cfg.model.name,
+        "pretrained": is_pretrained(cfg),
+        "splits": {},
+        "cache_key": cache.stage_key(cfg, "extract"),
+    }
     if is_pretrained(cfg):
         base = models.conv_base(cfg.model, cfg.dataset.image_size)
         preprocess = models.preprocessing(cfg.model)

@@ -25,7 +25,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from PIL import Image, ImageFile
 
-from src import stage
+from src import cache, stage
 from src.config import resolve_path
 from src.stage import StageError
 
@@ -268,6 +268,7 @@ def run(cfg: DictConfig) -> dict:
         "fingerprint": fingerprint,
         "counts": {s: int(counts[s].sum()) for s in SPLITS},
         "skipped": len(skipped),
+        "cache_key": cache.stage_key(cfg, "prepare"),
     }
     (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     stage.replace_dir(out_dir, final)

@@ -20,7 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
-STORE_DIR = REPO_ROOT / "mlruns"
+
+
+def project_root() -> Path:
+    """The repository root; for DVC's queued experiments, which run in temporary copies under
+    `.dvc/tmp/exps/`, the original repository, so that their runs land in the project's store."""
+    parts = REPO_ROOT.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return REPO_ROOT
+
+
+STORE_DIR = project_root() / "mlruns"
 
 
 def default_uri() -> str:
@@ -110,10 +122,15 @@ def log_pipeline_run(
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
     }
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"{cfg.preset}-{cfg.model.name}", tags=tags
-    ) as run:
-        params = flatten(cfg)
+    if cfg.tracking.get("run_id"):  # a sweep job: its child run exists already
+        active = mlflow.start_run(run_id=cfg.tracking.run_id)
+        mlflow.set_tags(tags)
+    else:
+        active = mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"{cfg.preset}-{cfg.model.name}", tags=tags
+        )
+    with active as run:
+        params = {k: v for k, v in flatten(cfg).items() if k != "tracking.run_id"}
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(items[i : i + 100]))

@@ -1,24 +1,34 @@
-"""Run the pipeline in one process for a Hydra-composed config:
+"""Run the pipeline in one process for a Hydra-composed config, or a sweep of such jobs:
 
-    python -m src.train                                  # defaults
-    python -m src.train experiment=ci head.dropout=0.3   # a preset plus overrides
-    python -m src.train -m finetune.layers=4,8           # a Hydra multirun, one job per value
+    python -m src.train                                        # defaults
+    python -m src.train experiment=ci head.dropout=0.3         # a preset plus overrides
+    python -m src.train -m experiment=ci finetune.layers=0,2,4 # a Hydra multirun, one job per value
+    python -m src.train -m experiment=ci finetune.layers=0,2 hydra/launcher=joblib  # parallel jobs
+    python -m src.train -m experiment=ci hparams_search=finetune_optuna            # Optuna TPE
 
-Unlike `dvc repro`, this reads `conf/` directly (not params.yaml) and runs every stage; it
-returns the test accuracy, so Hydra sweepers can optimise it.
+Unlike `dvc repro`, this reads `conf/` directly (not params.yaml). Prepared data and features
+are reused whenever their inputs match (`src.cache`), so a sweep over head and fine-tune keys
+extracts features once. In a multirun each job writes its models and reports to its own
+Hydra job folder and logs a child run under the sweep's MLflow parent run (`src.sweep`); a
+failing job is recorded as FAILED and the sweep goes on. The job returns the final model's
+validation accuracy, which Hydra sweepers such as Optuna maximise.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
-from src import download, evaluate, extract, finetune, prepare, stage, train_head
-from src.config import ConfigError, validate
+from src import cache, download, evaluate, extract, finetune, prepare, stage, sweep, train_head
+from src.config import ConfigError, resolve_path, validate
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +42,60 @@ STAGES: list[tuple[str, Callable[[DictConfig], dict]]] = [
 ]
 
 
+def _reusing(name: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
+    return lambda cfg: cache.reuse_or_run(cfg, name, run)
+
+
 def train(cfg: DictConfig) -> dict[str, dict]:
-    """Validate `cfg`, run all stages in order, return each stage's summary."""
+    """Validate `cfg`, run all stages in order (reusing matching prepared data and features),
+    return each stage's summary."""
     validate(cfg)
-    return {name: stage.timed_run(name, run, cfg) for name, run in STAGES}
+    results = {}
+    # one job at a time fetches the source and finds or builds its prepared data
+    with cache.lock(resolve_path(cfg.paths.cache) / "download.lock"):
+        results["download"] = stage.timed_run("download", download.run, cfg)
+        results["prepare"] = stage.timed_run("prepare", _reusing("prepare", prepare.run), cfg)
+    results["extract"] = stage.timed_run("extract", _reusing("extract", extract.run), cfg)
+    for name, run in STAGES[3:]:
+        results[name] = stage.timed_run(name, run, cfg)
+    return results
+
+
+def _job_folders(cfg: DictConfig, output_dir: Path) -> None:
+    """A sweep job keeps its models and reports in its own Hydra job folder."""
+    with open_dict(cfg):
+        cfg.paths.models = str(output_dir / "models")
+        cfg.paths.reports = str(output_dir / "reports")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        try:
+            results = train(cfg)
+        except (ConfigError, stage.StageError) as err:
+            log.error("%s", err)
+            sys.exit(2 if isinstance(err, ConfigError) else 1)
+        return results["evaluate"]["val"]["accuracy"]
+
+    _job_folders(cfg, Path(hydra_cfg.runtime.output_dir))
+    parent = sweep.parent_of(Path(hydra_cfg.sweep.dir))
+    overrides = list(hydra_cfg.overrides.task)
+    run_id = None
     try:
+        if parent is not None:
+            run_id = sweep.start_child(cfg, parent, overrides, hydra_cfg.job.num)
+            with open_dict(cfg):
+                cfg.tracking.run_id = run_id
         results = train(cfg)
-    except (ConfigError, stage.StageError) as err:
-        log.error("%s", err)
-        sys.exit(2 if isinstance(err, ConfigError) else 1)
-    accuracy = results["evaluate"]["test"]["accuracy"]
-    log.info("test accuracy %.4f", accuracy)
+    except Exception as err:  # one failing job must not end the sweep
+        log.error("job %d (%s) failed: %s", hydra_cfg.job.num, " ".join(overrides), err)
+        if parent is not None and run_id is not None:
+            sweep.mark_failed(parent, run_id, err)
+        return math.nan
+    accuracy = results["evaluate"]["val"]["accuracy"]
+    log.info("job %d: val accuracy %.4f", hydra_cfg.job.num, accuracy)
     return accuracy
 
 

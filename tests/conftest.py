@@ -24,13 +24,17 @@ def require_shared() -> None:
         pytest.skip(f"shared datasets and weights not found under {SHARED} (set TL_SHARED_DIR)")
 
 
+PATH_KEYS = ("raw", "downloads", "prepared", "features", "models", "reports", "cache")
+
+
+def path_overrides(work: Path) -> list[str]:
+    """Overrides putting every `paths.*` folder under `work`."""
+    return [f"paths.{key}={work / key}" for key in PATH_KEYS]
+
+
 def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     """The `ci` preset with every output under tmp_path and a private MLflow store."""
-    work = tmp_path / "work"
-    outputs = [
-        f"paths.{key}={work / key}"
-        for key in ("raw", "downloads", "prepared", "features", "models", "reports")
-    ]
+    outputs = path_overrides(tmp_path / "work")
     cfg = compose(
         [
             "experiment=ci",

@@ -22,13 +22,11 @@ from PIL import Image
 from src import download, prepare
 from src.config import compose, validate
 from src.download import Archive, DownloadError
-
-PATH_KEYS = ("raw", "downloads", "prepared", "features", "models", "reports")
+from tests.conftest import path_overrides
 
 
 def cfg_for(tmp_path: Path, *overrides: str):
-    work = tmp_path / "work"
-    return validate(compose([*[f"paths.{k}={work / k}" for k in PATH_KEYS], *overrides]))
+    return validate(compose([*path_overrides(tmp_path / "work"), *overrides]))
 
 
 def sha256(data: bytes) -> str:

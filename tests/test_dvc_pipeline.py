@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from src.config import REPO_ROOT
-from tests.conftest import SHARED, require_shared
+from tests.conftest import SHARED, path_overrides, require_shared
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -110,9 +110,7 @@ def test_src_train_runs_all_stages_from_conf(tmp_path):
     """`python -m src.train` composes conf/ with Hydra (no params.yaml) and runs every stage."""
     require_shared()
     work = tmp_path / "work"
-    outputs = [
-        f"paths.{k}={work / k}" for k in ("raw", "downloads", "prepared", "features", "models", "reports")
-    ]
+    outputs = path_overrides(work)
     sh(
         REPO_ROOT,
         "python",

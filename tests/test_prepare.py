@@ -13,7 +13,7 @@ from PIL import Image
 from src import prepare, stage
 from src.config import compose, validate
 from src.prepare import natural_key
-from tests.conftest import GTSRB
+from tests.conftest import GTSRB, path_overrides
 
 
 def folder_cfg(tmp_path, root, *overrides):
@@ -23,10 +23,7 @@ def folder_cfg(tmp_path, root, *overrides):
             "dataset=folder",
             f"dataset.path={root}",
             "dataset.image_size=32",
-            *[
-                f"paths.{k}={work / k}"
-                for k in ("raw", "downloads", "prepared", "features", "models", "reports")
-            ],
+            *path_overrides(work),
             *overrides,
         ]
     )
