@@ -1,0 +1,174 @@
+"""Sweeps: cache keys and reuse, the MLflow summary of a sweep, and real Hydra multiruns (basic,
+joblib and Optuna) logging a parent run with one child per job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from src import cache, compare, prepare, sweep, tracking
+from src.config import REPO_ROOT
+from tests.conftest import SHARED, make_cfg, path_overrides, require_shared
+
+# --- cache keys ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prepared_cfg(tmp_path, shared):
+    cfg = make_cfg(tmp_path, "dataset.limit_per_class.train=4", "dataset.limit_per_class.val=2")
+    raw = Path(cfg.paths.raw)
+    raw.mkdir(parents=True)
+    (raw / "source.json").write_text(
+        json.dumps({"root": str(SHARED / "data" / "cats_vs_dogs"), "fingerprint": "f"})
+    )
+    return cfg
+
+
+def test_prepare_key_follows_dataset_settings_only(prepared_cfg):
+    key = cache.stage_key(prepared_cfg, "prepare")
+    prepared_cfg.head.dropout = 0.1
+    prepared_cfg.finetune.layers = 2
+    assert cache.stage_key(prepared_cfg, "prepare") == key
+    prepared_cfg.dataset.image_size = 48
+    assert cache.stage_key(prepared_cfg, "prepare") != key
+
+
+def test_reuse_or_run_builds_once_then_reuses(prepared_cfg):
+    first = cache.reuse_or_run(prepared_cfg, "prepare", prepare.run)
+    assert first["reused"] is False
+    built = Path(prepared_cfg.paths.prepared)
+    assert built.parent == Path(prepared_cfg.paths.cache) / "prepare"
+    assert json.loads((built / "info.json").read_text())["cache_key"] == first["cache_key"]
+    second = cache.reuse_or_run(prepared_cfg, "prepare", prepare.run)
+    assert second["reused"] is True and Path(prepared_cfg.paths.prepared) == built
+
+
+def test_project_root_of_a_dvc_queue_copy_is_the_original_repo(monkeypatch):
+    monkeypatch.setattr(tracking, "REPO_ROOT", Path("/home/u/proj/.dvc/tmp/exps/tmpab12"))
+    assert tracking.project_root() == Path("/home/u/proj")
+    monkeypatch.setattr(tracking, "REPO_ROOT", Path("/home/u/proj"))
+    assert tracking.project_root() == Path("/home/u/proj")
+
+
+# --- summary of a sweep from a real MLflow store -------------------------------------------
+
+
+def test_summary_ranks_children_and_reports_failures(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweeps")
+    parent = client.create_run(experiment, tags={"sweep": "parent"}).info.run_id
+    for job, (layers, val, status) in enumerate(
+        [(0, 0.80, "FINISHED"), (4, 0.90, "FINISHED"), (99, None, "FAILED")]
+    ):
+        run = client.create_run(
+            experiment,
+            tags={
+                "mlflow.parentRunId": parent,
+                "sweep.job": str(job),
+                "sweep.overrides": json.dumps(["experiment=ci", f"finetune.layers={layers}"]),
+            },
+        ).info.run_id
+        if val is not None:
+            client.log_metric(run, "val.accuracy", val)
+            client.log_metric(run, "test.accuracy", val - 0.05)
+        else:
+            client.set_tag(run, "error", "ConfigError: finetune.layers=99 is not allowed")
+        client.set_terminated(run, status)
+    frame = sweep.summarize(uri, parent)
+    assert list(frame["finetune.layers"]) == [4, 0, 99]  # best val accuracy first, failures last
+    assert list(frame["status"]) == ["FINISHED", "FINISHED", "FAILED"]
+    assert sweep.swept_keys(frame) == ["finetune.layers"]
+    table = sweep.to_markdown(frame)
+    assert table.splitlines()[2].startswith("| 1 | 4 | FINISHED | 0.9000 | 0.8500")
+    assert compare.main(["sweeps", "--tracking-uri", uri]) == 0  # the latest sweep by experiment
+    assert table in capsys.readouterr().out
+    assert compare.main(["no-such-experiment", "--tracking-uri", uri]) == 1
+    plots = sweep.plot(frame, tmp_path)
+    assert [p.name for p in plots] == ["sweep_finetune.layers.png"] and plots[0].stat().st_size > 1000
+
+
+# --- real multiruns ------------------------------------------------------------------------
+
+
+def run_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, MlflowClient, dict]:
+    require_shared()
+    sweep_dir = tmp_path / "multirun"
+    args = [
+        sys.executable,
+        "-m",
+        "src.train",
+        "-m",
+        "experiment=ci",
+        f"dataset.path={SHARED / 'data' / 'cats_vs_dogs'}",
+        f"model.weights={SHARED / 'weights' / 'vgg16_imagenet_notop.weights.h5'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *path_overrides(tmp_path / "work"),
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=1200)
+    parent = sweep.parent_of(sweep_dir)
+    assert parent is not None, done.stderr[-3000:]
+    return done, MlflowClient(parent["tracking_uri"]), parent
+
+
+def job_logs(tmp_path: Path) -> str:
+    return "".join(p.read_text() for p in (tmp_path / "multirun").rglob("*.log"))
+
+
+def children(client: MlflowClient, parent: dict):
+    return client.search_runs(
+        [parent["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'"
+    )
+
+
+@pytest.mark.slow
+def test_multirun_logs_parent_children_reuses_features_and_survives_a_failing_job(tmp_path):
+    done, client, parent = run_sweep(tmp_path, "finetune.layers=0,2,99")
+    assert done.returncode == 1, done.stderr[-3000:]  # one job failed: the sweep says so
+    assert "sweep done: 3 jobs, 1 failed" in done.stderr.strip().splitlines()[-1]
+    runs = {json.loads(r.data.tags["sweep.overrides"])[-1]: r for r in children(client, parent)}
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "finetune.layers=0": "FINISHED",
+        "finetune.layers=2": "FINISHED",
+        "finetune.layers=99": "FAILED",
+    }
+    assert "finetune.layers=99" in runs["finetune.layers=99"].data.tags["error"]
+    ok = runs["finetune.layers=2"]
+    assert ok.data.params["finetune.layers"] == "2" and "val.accuracy" in ok.data.metrics
+    assert "test.accuracy" in ok.data.metrics and "finetune.loss" in ok.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent["run_id"])}
+    assert {"summary.csv", "summary.md", "sweep_finetune.layers.png"} <= artifacts
+    logs = done.stderr + job_logs(tmp_path)
+    assert logs.count("extract: building") == 1 and logs.count("extract: reusing") == 1
+    assert client.get_run(parent["run_id"]).data.tags["failed_jobs"] == "1"
+
+
+@pytest.mark.slow
+def test_parallel_jobs_with_the_joblib_launcher(tmp_path):
+    done, client, parent = run_sweep(
+        tmp_path, "finetune.layers=0,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = children(client, parent)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert all("test.accuracy" in r.data.metrics for r in runs)
+    assert job_logs(tmp_path).count("extract: building") <= 1  # the lock lets one job build it
+
+
+@pytest.mark.slow
+def test_optuna_search_logs_its_trials_as_children(tmp_path):
+    done, client, parent = run_sweep(tmp_path, "hparams_search=finetune_optuna", "hydra.sweeper.n_trials=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = children(client, parent)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    keys = {o.split("=")[0] for r in runs for o in json.loads(r.data.tags["sweep.overrides"])}
+    assert {"finetune.learning_rate", "head.dropout", "finetune.layers", "finetune.epochs"} <= keys
