@@ -101,7 +101,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if OmegaConf.is_missing(cfg.dataset, "path"):
         raise ConfigError("dataset.path is required for dataset=folder: set dataset.path=/path/to/images")
     path = cfg.dataset.path
-    if path is not None and not resolve_path(path).is_dir():
+    if path is not None and not resolve_input(path).is_dir():
         raise _bad(
             "dataset.path",
             path,
@@ -124,7 +124,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                 f"{cfg.model.name} has {spec['layers']} layers after its input (0..{spec['layers']})",
             )
         weights = cfg.model.weights
-        if weights not in (None, "imagenet") and not resolve_path(weights).is_file():
+        if weights not in (None, "imagenet") and not resolve_input(weights).is_file():
             raise _bad(
                 "model.weights", weights, "use imagenet, null, or the path of an existing .weights.h5 file"
             )
@@ -168,3 +168,24 @@ def resolve_path(path: str | Path) -> Path:
     """A configured path: absolute as given, relative ones from the repository root."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def project_root(root: Path = REPO_ROOT) -> Path:
+    """The repository root; for DVC's queued experiments, which run in temporary copies under
+    `.dvc/tmp/exps/`, the original repository."""
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def resolve_input(path: str | Path) -> Path:
+    """A configured input (dataset folder, weights file): like `resolve_path`, except that in a
+    DVC queue copy a relative path found only beside the original repository resolves there."""
+    resolved = resolve_path(path)
+    if not resolved.exists() and not Path(path).expanduser().is_absolute():
+        original = project_root() / Path(path).expanduser()
+        if original.exists():
+            return original
+    return resolved

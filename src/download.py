@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from src import stage
-from src.config import resolve_path
+from src.config import resolve_input, resolve_path
 from src.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def run(cfg: DictConfig) -> dict:
     ds = cfg.dataset
     raw = resolve_path(cfg.paths.raw)
     if ds.path is not None:
-        root = resolve_path(ds.path).resolve()
+        root = resolve_input(ds.path).resolve()
         if not root.is_dir():
             raise DownloadError(f"dataset.path: {root} is not a folder; point it at the images")
         kind, archives = "local", []

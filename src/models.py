@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
-from src.config import BACKBONES, resolve_path
+from src.config import BACKBONES, resolve_input
 
 # Channel means that VGG16 and ResNet50 (Keras' "caffe" preprocessing) subtract, in BGR order.
 CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
@@ -73,7 +73,7 @@ def conv_base(model_cfg: DictConfig, image_size: int):
     app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[model_cfg.name]
     weights = model_cfg.weights
     if weights not in (None, "imagenet"):
-        weights = str(resolve_path(weights))
+        weights = str(resolve_input(weights))
     try:
         return app(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
     except Exception as err:

@@ -46,9 +46,10 @@ def parent_of(sweep_dir: Path) -> dict | None:
 def start_child(cfg: DictConfig, parent: dict, overrides: list[str], job: int) -> str:
     """Create the child run of job `job` (status RUNNING); evaluate logs into it later."""
     client = _client(parent["tracking_uri"])
+    varying = [o for o in overrides if o not in parent.get("overrides", [])]  # the swept values
     run = client.create_run(
         parent["experiment_id"],
-        run_name=f"job{job}: {' '.join(overrides)}"[:250],
+        run_name=f"job{job}: {' '.join(varying or overrides)}"[:250],
         tags={
             "mlflow.parentRunId": parent["run_id"],
             "sweep.job": str(job),
@@ -165,7 +166,12 @@ class SweepCallback(Callback):
             run_name=f"sweep {sweep_dir.name}",
             tags={"sweep": "parent", "sweep.dir": str(sweep_dir), "sweep.overrides": json.dumps(overrides)},
         )
-        parent = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+        parent = {
+            "run_id": run.info.run_id,
+            "experiment_id": experiment_id,
+            "tracking_uri": uri,
+            "overrides": overrides,
+        }
         (sweep_dir / PARENT_FILE).write_text(json.dumps(parent))
         log.info("sweep parent run %s in %s", run.info.run_id, uri)
 

@@ -17,19 +17,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import REPO_ROOT
+from src.config import REPO_ROOT, project_root
 
 log = logging.getLogger(__name__)
-
-
-def project_root() -> Path:
-    """The repository root; for DVC's queued experiments, which run in temporary copies under
-    `.dvc/tmp/exps/`, the original repository, so that their runs land in the project's store."""
-    parts = REPO_ROOT.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return REPO_ROOT
 
 
 STORE_DIR = project_root() / "mlruns"

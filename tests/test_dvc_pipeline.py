@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,29 @@ def test_src_train_runs_all_stages_from_conf(tmp_path):
     assert (work / "reports" / "metrics.json").is_file() and (
         tmp_path / "hydra" / ".hydra" / "config.yaml"
     ).is_file()
+
+
+def test_queued_experiments_run_in_temp_copies_and_log_to_the_project_store(repo):
+    """`dvc exp run --queue` with two values plus `dvc queue start`: two experiments in
+    `dvc exp show`, two more runs in the repository's MLflow store, no stray store in the copies."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer-learning")
+    before = len(client.search_runs([experiment.experiment_id]))
+    queued = sh(repo, "dvc", "exp", "run", "--queue", "-S", "experiment=ci", "-S", "finetune.layers=0,2")
+    assert queued.count("Queued experiment") == 2, queued
+    sh(repo, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status")):
+        assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status")
+        time.sleep(5)
+    status = sh(repo, "dvc", "queue", "status")
+    assert status.count("Success") >= 2, status
+    shown = sh(repo, "dvc", "exp", "show", "--json")
+    layers = re.findall(r'"layers":\s*(\d+)', shown)
+    assert {"0", "2"} <= set(layers)
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    assert len(runs) == before + 2
+    assert {r.data.params["finetune.layers"] for r in runs[:2]} == {"0", "2"}
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -9,9 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import predict
-from src.train import train as run_all
+from src import predict, stage
+from src.train import STAGES
 from tests.conftest import CATS_DOGS, GTSRB, make_cfg, require_shared
+
+
+def run_all(cfg) -> dict[str, dict]:
+    """Every stage in `dvc.yaml` order, each writing where the config says, as `dvc repro` does."""
+    return {name: stage.timed_run(name, run, cfg) for name, run in STAGES}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,8 @@ def test_evaluate_writes_metrics_plots_and_one_mlflow_run(pipeline):
     cfg, tmp, results = pipeline
     reports = tmp / "work" / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert set(metrics) == {"test", "head_test", "macro_f1", "seconds"}
+    assert set(metrics) == {"val", "test", "head_test", "macro_f1", "seconds"}
+    assert metrics["val"]["accuracy"] == pytest.approx(results["finetune"]["best"]["val_accuracy"], abs=1e-6)
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["loss"] > 0
     assert set(metrics["seconds"]) == {"download", "prepare", "extract", "train_head", "finetune"}
     assert set(results["evaluate"]["per_class"]) == {"cats", "dogs"}

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from src import cache, compare, prepare, sweep, tracking
-from src.config import REPO_ROOT
+from src.config import REPO_ROOT, project_root
 from tests.conftest import SHARED, make_cfg, path_overrides, require_shared
 
 # --- cache keys ----------------------------------------------------------------------------
@@ -49,11 +52,10 @@ def test_reuse_or_run_builds_once_then_reuses(prepared_cfg):
     assert second["reused"] is True and Path(prepared_cfg.paths.prepared) == built
 
 
-def test_project_root_of_a_dvc_queue_copy_is_the_original_repo(monkeypatch):
-    monkeypatch.setattr(tracking, "REPO_ROOT", Path("/home/u/proj/.dvc/tmp/exps/tmpab12"))
-    assert tracking.project_root() == Path("/home/u/proj")
-    monkeypatch.setattr(tracking, "REPO_ROOT", Path("/home/u/proj"))
-    assert tracking.project_root() == Path("/home/u/proj")
+def test_project_root_of_a_dvc_queue_copy_is_the_original_repo():
+    assert project_root(Path("/home/u/proj/.dvc/tmp/exps/tmpab12")) == Path("/home/u/proj")
+    assert project_root(Path("/home/u/proj")) == Path("/home/u/proj")
+    assert project_root() / "mlruns" == tracking.STORE_DIR
 
 
 # --- summary of a sweep from a real MLflow store -------------------------------------------
@@ -130,9 +132,17 @@ def children(client: MlflowClient, parent: dict):
     )
 
 
-@pytest.mark.slow
-def test_multirun_logs_parent_children_reuses_features_and_survives_a_failing_job(tmp_path):
+@pytest.fixture(scope="module")
+def basic_sweep(tmp_path_factory):
+    """One real 3-job sweep (the third job has an invalid value), shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
     done, client, parent = run_sweep(tmp_path, "finetune.layers=0,2,99")
+    return tmp_path, done, client, parent
+
+
+@pytest.mark.slow
+def test_multirun_logs_parent_children_reuses_features_and_survives_a_failing_job(basic_sweep):
+    tmp_path, done, client, parent = basic_sweep
     assert done.returncode == 1, done.stderr[-3000:]  # one job failed: the sweep says so
     assert "sweep done: 3 jobs, 1 failed" in done.stderr.strip().splitlines()[-1]
     runs = {json.loads(r.data.tags["sweep.overrides"])[-1]: r for r in children(client, parent)}
@@ -150,6 +160,67 @@ def test_multirun_logs_parent_children_reuses_features_and_survives_a_failing_jo
     logs = done.stderr + job_logs(tmp_path)
     assert logs.count("extract: building") == 1 and logs.count("extract: reusing") == 1
     assert client.get_run(parent["run_id"]).data.tags["failed_jobs"] == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_server_serves_the_sweep_over_rest(basic_sweep):
+    """The MLflow tracking server, on a loopback port over the sweep's store, answers REST
+    queries for the parent run, its children and their metrics."""
+    _, _, _, parent = basic_sweep
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", parent["tracking_uri"],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+
+        def api(path: str, body: dict | None = None) -> dict:
+            request = urllib.request.Request(
+                f"{base}/api/2.0/mlflow/{path}",
+                data=json.dumps(body).encode() if body is not None else None,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        got = api(f"runs/get?run_id={parent['run_id']}")["run"]
+        assert {t["key"]: t["value"] for t in got["data"]["tags"]}["sweep"] == "parent"
+        found = api(
+            "runs/search",
+            {
+                "experiment_ids": [parent["experiment_id"]],
+                "filter": f"tags.mlflow.parentRunId = '{parent['run_id']}'",
+            },
+        )["runs"]
+        statuses = sorted(r["info"]["status"] for r in found)
+        assert statuses == ["FAILED", "FINISHED", "FINISHED"]
+        finished = [r for r in found if r["info"]["status"] == "FINISHED"]
+        for run in finished:
+            metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert 0.0 <= metrics["val.accuracy"] <= 1.0 and 0.0 <= metrics["test.accuracy"] <= 1.0
+        history = api(f"metrics/get-history?run_id={finished[0]['info']['run_id']}&metric_key=head.val_loss")
+        assert len(history["metrics"]) >= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
