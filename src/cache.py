@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src import precision
 from src.config import REPO_ROOT, resolve_path
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
     if stage == "extract":
         upstream = _read_info(resolve_path(cfg.paths.prepared)).get("cache_key")
         model = OmegaConf.to_container(cfg.model, resolve=True)
-        return _digest("extract", model, cfg.dataset.image_size, upstream, _code(code))
+        policy = precision.resolve(cfg.train.precision)
+        return _digest("extract", model, cfg.dataset.image_size, policy, upstream, _code(code))
     raise KeyError(stage)
 
 

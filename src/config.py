@@ -22,6 +22,7 @@ POOLINGS = ("flatten", "avg")
 HEAD_ACTIVATIONS = ("relu", "gelu", "tanh", None)
 FLIPS = (None, "horizontal", "vertical", "horizontal_and_vertical")
 SPLIT_SOURCES = ("train", "val")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # see src/precision.py
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_fraction(cfg, "head.dropout")
     _check_choice(cfg, "head.pooling", POOLINGS)
     _check_choice(cfg, "head.activation", HEAD_ACTIVATIONS)
+    _check_choice(cfg, "train.precision", PRECISIONS)
     _check_choice(cfg, "head.optimizer", OPTIMIZERS)
     _check_choice(cfg, "finetune.optimizer", OPTIMIZERS)
     _check_choice(cfg, "augment.flip", FLIPS)

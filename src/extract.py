@@ -12,34 +12,13 @@ import json
 import logging
 import shutil
 
-import numpy as np
 from omegaconf import DictConfig
 
-from src import cache, datasets, models, stage
+from src import cache, datasets, models, precision, stage
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-
-
-def extract_split(base, preprocess, images: np.ndarray, batch_size: int, out_path) -> tuple[int, ...]:
-    """Write base(preprocess(images)) to `out_path` as a float32 .npy, one batch at a time."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def forward(x):
-        return base(preprocess(x), training=False)
-
-    shape = (len(images), *base.output_shape[1:])
-    features = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
-    start = 0
-    for batch in datasets.batches(images, None, batch_size):
-        out = forward(batch).numpy()
-        features[start : start + len(out)] = out
-        start += len(out)
-    features.flush()
-    del features
-    return shape
 
 
 def run(cfg: DictConfig) -> dict:
@@ -53,12 +32,13 @@ def run(cfg: DictConfig) -> dict:
         "cache_key": cache.stage_key(cfg, "extract"),
     }
     if is_pretrained(cfg):
+        info["precision"] = precision.use(cfg.train.precision)  # before the base is built
         base = models.conv_base(cfg.model, cfg.dataset.image_size)
         preprocess = models.preprocessing(cfg.model)
         prepared = datasets.prepared_dir(cfg)
         for split in SPLITS:
             images, labels = datasets.load_images(cfg, split)
-            shape = extract_split(
+            shape = models.predict_to_file(
                 base, preprocess, images, cfg.train.batch_size, out_dir / f"features_{split}.npy"
             )
             shutil.copyfile(prepared / f"labels_{split}.npy", out_dir / f"labels_{split}.npy")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
+from src import datasets
 from src.config import BACKBONES, resolve_input
 
 # Channel means that VGG16 and ResNet50 (Keras' "caffe" preprocessing) subtract, in BGR order.
@@ -117,7 +118,8 @@ def _dense_stack(x, head_cfg: DictConfig, n_classes: int):
     if head_cfg.batchnorm:
         x = keras.layers.BatchNormalization(name="head_bn_out")(x)
     units, activation, _ = output_spec(n_classes)
-    return keras.layers.Dense(units, activation=activation, name="predictions")(x)
+    # float32 output: probabilities and the loss stay exact under a mixed precision policy
+    return keras.layers.Dense(units, activation=activation, name="predictions", dtype="float32")(x)
 
 
 def head(head_cfg: DictConfig, feature_shape: tuple[int, ...], n_classes: int):
@@ -180,6 +182,24 @@ def scratch_model(
     return keras.Model(inputs, _dense_stack(x, head_cfg, n_classes), name=f"{model_cfg.name}_classifier")
 
 
+def split_at(base, n_top: int):
+    """(bottom, top) of a sequential conv base such as VGG16: `bottom` maps images to the
+    activations before the last `n_top` layers, `top` maps those to the base's output, reusing
+    (sharing weights with) the base's own layers. None for bases with branches (ResNet50)."""
+    keras = _keras()
+    layers = base.layers[1:]
+    if any(
+        len(layer._inbound_nodes) != 1 or len(layer._inbound_nodes[0].input_tensors) != 1 for layer in layers
+    ):
+        return None
+    boundary = layers[len(layers) - n_top - 1].output if n_top < len(layers) else base.input
+    bottom = keras.Model(base.input, boundary, name="frozen_bottom")
+    x = inputs = keras.Input(shape=boundary.shape[1:], name="boundary_activations")
+    for layer in layers[len(layers) - n_top :]:
+        x = layer(x)
+    return bottom, keras.Model(inputs, x, name="trainable_top")
+
+
 def unfreeze_top(base, n_layers: int) -> list[str]:
     """Make only the last `n_layers` layers of the base trainable; return their names."""
     layers = base.layers[1:]  # skip the InputLayer: counting starts at the first conv layer
@@ -187,3 +207,24 @@ def unfreeze_top(base, n_layers: int) -> list[str]:
     for layer in layers[: len(layers) - n_layers]:
         layer.trainable = False
     return [layer.name for layer in layers[len(layers) - n_layers :]] if n_layers else []
+
+
+def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_path) -> tuple[int, ...]:
+    """Write base(preprocess(images)) to `out_path` as a float32 .npy, one batch at a time
+    (streamed from a possibly memory-mapped array; memory does not grow with the dataset)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        return tf.cast(base(preprocess(x), training=False), tf.float32)  # stored as float32
+
+    shape = (len(images), *base.output_shape[1:])
+    features = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+    start = 0
+    for batch in datasets.batches(images, None, batch_size):
+        out = forward(batch).numpy()
+        features[start : start + len(out)] = out
+        start += len(out)
+    features.flush()
+    del features
+    return shape

@@ -12,7 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from src import datasets, models, stage, training
+from src import datasets, models, precision, stage, training
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,12 @@ def run(cfg: DictConfig) -> dict:
     classes = datasets.load_classes(cfg)
     h = cfg.head
     if is_pretrained(cfg):
+        precision.use("float32")  # a small dense head on cached features gains nothing from less
         x_train, y_train = datasets.load_features(cfg, "train")
         x_val, y_val = datasets.load_features(cfg, "val")
         model = models.head(h, x_train.shape[1:], len(classes))
     else:
+        precision.use(cfg.train.precision)
         x_train, y_train = datasets.load_images(cfg, "train")
         x_val, y_val = datasets.load_images(cfg, "val")
         model = models.scratch_model(

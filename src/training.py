@@ -33,8 +33,11 @@ def write_history(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def fit_best(model, train_data, val_data, epochs: int, model_path: Path, history_path: Path) -> dict:
-    """Train, keep the weights of the epoch with the lowest val_loss, save model and history."""
+def fit_best(
+    model, train_data, val_data, epochs: int, model_path: Path, history_path: Path, final_model=None
+) -> dict:
+    """Train, keep the weights of the epoch with the lowest val_loss, save the model (or
+    `final_model`, which shares the trained layers) and the history."""
     import keras
 
     rows: list[dict] = []
@@ -73,6 +76,6 @@ def fit_best(model, train_data, val_data, epochs: int, model_path: Path, history
                 best["val_loss"],
                 best["val_accuracy"],
             )
-    save_model(model, model_path)
+    save_model(final_model if final_model is not None else model, model_path)
     write_history(rows, history_path)
     return {"epochs": epochs, "best": best}

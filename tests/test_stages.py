@@ -4,12 +4,14 @@ VGG16 weights), then the from-scratch route and `src.predict` on the saved model
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from src import predict, stage
+from src import finetune, predict, stage
 from src.train import STAGES
 from tests.conftest import CATS_DOGS, GTSRB, make_cfg, require_shared
 
@@ -23,7 +25,7 @@ def run_all(cfg) -> dict[str, dict]:
 def pipeline(tmp_path_factory):
     require_shared()
     tmp = tmp_path_factory.mktemp("pipeline")
-    cfg = make_cfg(tmp, "head.epochs=2")
+    cfg = make_cfg(tmp, "head.epochs=2", "train.precision=float32")
     return cfg, tmp, run_all(cfg)
 
 
@@ -38,11 +40,41 @@ def test_extract_caches_vgg16_features_equal_to_keras_preprocess_and_predict(pip
     assert np.array_equal(
         np.load(features_dir / "labels_test.npy"), np.load(tmp / "work" / "prepared" / "labels_test.npy")
     )
+    keras.mixed_precision.set_global_policy("float32")
     base = keras.applications.VGG16(weights=cfg.model.weights, include_top=False, input_shape=(64, 64, 3))
     reference = base.predict(
         keras.applications.vgg16.preprocess_input(images[:4].astype("float32")), verbose=0
     )
     np.testing.assert_allclose(feats[:4], reference, rtol=1e-4, atol=1e-3)
+
+
+def test_bfloat16_features_stay_close_to_float32(pipeline, tmp_path):
+    from src import models, precision
+
+    cfg, tmp, _ = pipeline
+    images = np.load(tmp / "work" / "prepared" / "images_test.npy")[:8]
+    features = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        precision.use(policy)
+        base = models.conv_base(cfg.model, 64)
+        path = tmp_path / f"{policy}.npy"
+        models.predict_to_file(base, models.preprocessing(cfg.model), images, 4, path)
+        features[policy] = np.load(path)
+    precision.use("float32")
+    assert features["mixed_bfloat16"].dtype == np.float32  # stored as float32 whatever the policy
+    error = np.linalg.norm(features["mixed_bfloat16"] - features["float32"]) / np.linalg.norm(
+        features["float32"]
+    )
+    assert 0 < error < 0.05
+
+
+def test_precision_auto_follows_the_hardware():
+    from src import precision
+
+    expected = "mixed_bfloat16" if precision.cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+    if not precision.gpu_has_tensor_cores():
+        assert precision.resolve("auto") == expected
+    assert precision.resolve("float32") == "float32"
 
 
 def test_train_head_keeps_best_epoch_and_writes_history(pipeline):
@@ -70,6 +102,38 @@ def test_finetune_unfreezes_exactly_block5(pipeline):
         )
         assert changed == (name == "block5_conv3"), name
     assert len(pd.read_csv(tmp / "work" / "reports" / "finetune" / "history.csv")) == 1
+
+
+def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeline, tmp_path):
+    """Without augmentation, training the top on activations cached at the freeze boundary
+    follows the same curve as training through the whole network, and saves an image model."""
+    import keras
+    from omegaconf import OmegaConf
+
+    cfg, tmp, _ = pipeline
+    histories = {}
+    for cached in (True, False):
+        run_cfg = OmegaConf.merge(
+            cfg,
+            {
+                "augment": {"flip": None, "rotation": 0.0, "zoom": 0.0},
+                "train": {"precision": "float32"},
+                "finetune": {"cached_activations": cached, "epochs": 2},
+                "paths": {
+                    "models": str(tmp_path / f"models_{cached}"),
+                    "reports": str(tmp_path / f"r_{cached}"),
+                },
+            },
+        )
+        Path(run_cfg.paths.models).mkdir()
+        shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
+        summary = finetune.run(run_cfg)
+        assert summary["cached_activations"] is cached
+        histories[cached] = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
+        model = keras.saving.load_model(Path(run_cfg.paths.models) / "final.keras")
+        assert model.input_shape == (None, 64, 64, 3)
+    np.testing.assert_allclose(histories[True].val_loss, histories[False].val_loss, rtol=2e-3)
+    np.testing.assert_allclose(histories[True].loss, histories[False].loss, rtol=2e-3)
 
 
 def test_evaluate_writes_metrics_plots_and_one_mlflow_run(pipeline):
