@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
 
 log = logging.getLogger(__name__)
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 
 
 def save_model(model, path: Path) -> Path:
@@ -33,6 +34,22 @@ def write_history(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def _epoch_timer(keras):
+    """A callback recording each epoch's wall time (training and validation) in `.seconds`."""
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(round(time.perf_counter() - self._start, 3))
+
+    return EpochTimer()
+
+
 def fit_best(
     model, train_data, val_data, epochs: int, model_path: Path, history_path: Path, final_model=None
 ) -> dict:
@@ -50,15 +67,16 @@ def fit_best(
             callback = keras.callbacks.ModelCheckpoint(
                 checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True
             )
+            timer = _epoch_timer(keras)
             history = model.fit(
                 train_data,
                 validation_data=val_data,
                 epochs=epochs,
-                callbacks=[callback],
+                callbacks=[callback, timer],
                 shuffle=False,
                 verbose=2,
             )  # batches arrive shuffled already
-            metrics = history.history
+            metrics = {**history.history, "seconds": timer.seconds}
             rows = [
                 {"epoch": i + 1, **{k: float(metrics[k][i]) for k in HISTORY_COLUMNS[1:] if k in metrics}}
                 for i in range(len(metrics["loss"]))

@@ -80,7 +80,8 @@ def test_precision_auto_follows_the_hardware():
 def test_train_head_keeps_best_epoch_and_writes_history(pipeline):
     _, tmp, results = pipeline
     history = pd.read_csv(tmp / "work" / "reports" / "head" / "history.csv")
-    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+    assert (history.seconds > 0).all()
     assert history.epoch.tolist() == [1, 2]
     best = results["train_head"]["best"]
     assert best["val_loss"] == pytest.approx(history.val_loss.min())

@@ -1,7 +1,8 @@
 """Benchmark: feature extraction against the reference approach, the raw `predict` ceiling per
-precision, and the extract stage's peak memory as the dataset grows.
+precision, fine-tuning per precision with and without cached boundary activations, and the
+extract stage's peak memory as the dataset grows.
 
-    python benchmarks/extract_speed.py [--images 320] [--size 180] [--rss 1000,4000]
+    python benchmarks/speed.py [--images 320] [--size 180] [--rss 1000,4000]
 
 Uses the shared cats-vs-dogs images and ImageNet VGG16 weights (`../shared`, or TL_SHARED_DIR).
 Prints one table:
@@ -11,6 +12,9 @@ Prints one table:
 (b) the extract stage (`src.extract.run`, `train.precision=auto`) on the same images, already
     prepared (decoded and resized once by the prepare stage, as in the pipeline);
 (c) the raw ceiling: `conv_base.predict` on a preprocessed in-memory array, per precision;
+(d) fine-tuning VGG16's block 5 without augmentation, per precision, through the whole network
+    and from activations cached at the freeze boundary: training images per second of an
+    epoch after the first (the one-time caching pass is reported separately);
 (e) peak RSS of the extract stage, each size in a fresh process.
 
 All rates are images per second measured in this run; ratios are against (a) and against the
@@ -114,6 +118,47 @@ def ceiling(images: np.ndarray, size: int, policy: str) -> float:
     return len(x) / (time.perf_counter() - start)
 
 
+def finetune_rates(work: Path, folder: Path, size: int) -> dict[tuple[str, bool], dict]:
+    """(d) img/s of a fine-tune epoch per (precision, cached activations), and the caching cost."""
+    import shutil
+
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from src import finetune, train_head
+
+    cfg = prepared_cfg(work, folder, size)
+    train_head.run(cfg)
+    rates = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        for cached in (False, True):
+            name = f"{policy}_{cached}"
+            run_cfg = OmegaConf.merge(
+                cfg,
+                {
+                    "augment": {"flip": None, "rotation": 0.0, "zoom": 0.0, "translate": 0.0, "shear": 0.0},
+                    "train": {"precision": policy},
+                    "finetune": {"layers": 4, "epochs": 2, "cached_activations": cached},
+                    "paths": {
+                        "models": str(work / f"models_{name}"),
+                        "reports": str(work / f"reports_{name}"),
+                    },
+                },
+            )
+            Path(run_cfg.paths.models).mkdir()
+            shutil.copy(Path(cfg.paths.models) / "head.keras", run_cfg.paths.models)
+            start = time.perf_counter()
+            finetune.run(run_cfg)
+            total = time.perf_counter() - start
+            history = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
+            n_train = len(np.load(Path(cfg.paths.prepared) / "labels_train.npy"))
+            rates[(policy, cached)] = {
+                "rate": n_train / float(history.seconds.iloc[-1]),
+                "overhead": total - float(history.seconds.sum()),
+            }
+    return rates
+
+
 def rss_child(prepared: str, size: int) -> None:
     """Run the extract stage on a prepared folder in this fresh process; print peak RSS (MiB)."""
     from omegaconf import open_dict
@@ -175,6 +220,7 @@ def main() -> None:
             [np.load(work / "stage" / "prepared" / f"images_{s}.npy") for s in ("train", "val", "test")]
         )
         ceilings = {p: ceiling(prepared, args.size, p) for p in ("float32", "mixed_bfloat16")}
+        tuning = finetune_rates(work / "stage", folder, args.size)
         rss = {n: peak_rss(work, prepared, n, args.size) for n in map(int, args.rss.split(","))}
 
     flags = sorted(precision.cpu_flags() & precision.BF16_CPU_FLAGS) or "none"
@@ -188,6 +234,13 @@ def main() -> None:
         print(f"| (c) raw predict ceiling, {p} | {rate:.1f} | {rate / ref:.2f}x vs (a) |")
     if policy in ceilings:
         print(f"| (b) / (c) at {policy} | | {stage_rate / ceilings[policy]:.0%} of the ceiling |")
+    for p in ("float32", "mixed_bfloat16"):
+        full, cached = tuning[(p, False)], tuning[(p, True)]
+        print(f"| (d) fine-tune epoch, {p}, whole network | {full['rate']:.1f} | 1.00x |")
+        print(
+            f"| (d) fine-tune epoch, {p}, cached boundary activations | {cached['rate']:.1f} "
+            f"| {cached['rate'] / full['rate']:.2f}x (setup and caching {cached['overhead']:.0f} s, once) |"
+        )
     sizes = sorted(rss)
     for n in sizes:
         print(f"| (e) extract peak RSS, {n} images | {rss[n]:.0f} MiB | |")
