@@ -4,6 +4,7 @@ and `tf.data` pipelines over them that stream batches without loading a split in
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,27 @@ def load_images(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_features(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Cached conv-base features of a split, memory-mapped, and their labels."""
     return load_split(resolve_path(cfg.paths.features), "features", split)
+
+
+def read_batches(array: np.ndarray, batch_size: int):
+    """Consecutive batches of `array`, in order. For a memory-mapped .npy the rows are read from
+    the file with plain reads (served from the page cache, not kept mapped in the process)."""
+    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+    whole_file = (
+        isinstance(array, np.memmap)
+        and array.filename is not None
+        and array.flags.c_contiguous
+        and os.path.getsize(array.filename) - array.offset == len(array) * row_bytes
+    )  # a slice of a memory map keeps the file name but not its own offset: read those in memory
+    if whole_file:
+        with open(array.filename, "rb") as f:
+            for start in range(0, len(array), batch_size):
+                n = min(batch_size, len(array) - start)
+                f.seek(array.offset + start * row_bytes)
+                yield np.frombuffer(f.read(n * row_bytes), array.dtype).reshape(n, *array.shape[1:])
+    else:
+        for start in range(0, len(array), batch_size):
+            yield np.asarray(array[start : start + batch_size])
 
 
 def batches(

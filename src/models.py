@@ -210,21 +210,35 @@ def unfreeze_top(base, n_layers: int) -> list[str]:
 
 
 def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_path) -> tuple[int, ...]:
-    """Write base(preprocess(images)) to `out_path` as a float32 .npy, one batch at a time
-    (streamed from a possibly memory-mapped array; memory does not grow with the dataset)."""
+    """Write base(preprocess(images)) to `out_path` as a float32 .npy, one batch at a time.
+
+    Batches are read from the file behind a memory-mapped array with plain reads and the
+    output is appended to the file, so neither stays mapped into the process: its memory
+    does not grow with the dataset."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def forward(x):
+        x = tf.cast(x, tf.float32)
         return tf.cast(base(preprocess(x), training=False), tf.float32)  # stored as float32
 
     shape = (len(images), *base.output_shape[1:])
-    features = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
-    start = 0
-    for batch in datasets.batches(images, None, batch_size):
-        out = forward(batch).numpy()
-        features[start : start + len(out)] = out
-        start += len(out)
-    features.flush()
-    del features
+    spec = tf.TensorSpec((None, *images.shape[1:]), tf.as_dtype(images.dtype))
+    batches = tf.data.Dataset.from_generator(
+        lambda: datasets.read_batches(images, batch_size), output_signature=spec
+    )
+    written = 0
+    with open(out_path, "wb") as out:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        np.lib.format.write_array_header_1_0(out, header)
+        for batch in batches.prefetch(2):
+            features = forward(batch).numpy()
+            out.write(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+            written += len(features)
+    if written != len(images):
+        raise RuntimeError(f"{out_path}: wrote {written} rows for {len(images)} images")
     return shape
