@@ -144,6 +144,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_choice(cfg, "head.pooling", POOLINGS)
     _check_choice(cfg, "head.activation", HEAD_ACTIVATIONS)
     _check_choice(cfg, "train.precision", PRECISIONS)
+    _check_choice(cfg, "train.jit_compile", ("auto", True, False))
     _check_choice(cfg, "head.optimizer", OPTIMIZERS)
     _check_choice(cfg, "finetune.optimizer", OPTIMIZERS)
     _check_choice(cfg, "augment.flip", FLIPS)

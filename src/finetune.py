@@ -39,16 +39,23 @@ def run(cfg: DictConfig) -> dict:
         return {**result, "unfrozen": []}
 
     classes = datasets.load_classes(cfg)
-    precision.use(cfg.train.precision)  # the base computes in it; the head keeps its float32 layers
+    policy = precision.use(cfg.train.precision)  # the base computes in it; the head keeps float32 layers
+    xla = precision.use_xla(cfg.train.jit_compile, policy)
     base = models.conv_base(cfg.model, cfg.dataset.image_size)
     model = models.full_model(base, head_model, cfg.model, cfg.augment, cfg.seed)
     unfrozen = models.unfreeze_top(base, ft.layers)
     epochs = ft.epochs if ft.layers > 0 else 0
     log.info("unfrozen layers (%d): %s", len(unfrozen), ", ".join(unfrozen) or "none")
     # Recompile after changing `trainable`, so the change takes effect.
-    models.compile_model(model, len(classes), ft.optimizer, ft.learning_rate)
+    models.compile_model(model, len(classes), ft.optimizer, ft.learning_rate, jit_compile=xla)
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
-    summary = {"unfrozen": unfrozen, "trainable_parameters": trainable, "cached_activations": False}
+    summary = {
+        "unfrozen": unfrozen,
+        "trainable_parameters": trainable,
+        "cached_activations": False,
+        "precision": policy,
+        "jit_compile": xla,
+    }
     if not epochs:
         result = training.fit_best(model, None, None, 0, model_dir / "final.keras", history_path)
         return {**result, **summary}
@@ -64,12 +71,12 @@ def run(cfg: DictConfig) -> dict:
             model, train_data, val_data, epochs, model_dir / "final.keras", history_path
         )
         return {**result, **summary}
-    result = _fit_from_boundary(cfg, split, head_model, model, model_dir, history_path, len(classes))
+    result = _fit_from_boundary(cfg, split, head_model, model, model_dir, history_path, len(classes), xla)
     return {**result, **summary, "cached_activations": True}
 
 
 def _fit_from_boundary(
-    cfg, split, head_model, model, model_dir: Path, history_path: Path, n_classes: int
+    cfg, split, head_model, model, model_dir: Path, history_path: Path, n_classes: int, xla: bool
 ) -> dict:
     """Without augmentation the frozen bottom gives the same activations every epoch: compute
     them once, then train only the unfrozen top and the head on them. The top's layers are the
@@ -90,7 +97,7 @@ def _fit_from_boundary(
         log.info("cached activations at the freeze boundary %s: training the top only", shape[1:])
         inputs = keras.Input(shape=shape[1:], name="boundary_activations")
         trainer = keras.Model(inputs, head_model(top(inputs, training=False)), name="top_and_head")
-        models.compile_model(trainer, n_classes, ft.optimizer, ft.learning_rate)
+        models.compile_model(trainer, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla)
         x_train, y_train = data["train"]
         x_val, y_val = data["val"]
         train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)

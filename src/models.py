@@ -44,9 +44,16 @@ def optimizer(name: str, learning_rate: float):
     ](learning_rate=learning_rate)
 
 
-def compile_model(model, n_classes: int, optimizer_name: str, learning_rate: float) -> None:
+def compile_model(
+    model, n_classes: int, optimizer_name: str, learning_rate: float, jit_compile: bool = False
+) -> None:
     _, _, loss = output_spec(n_classes)
-    model.compile(optimizer=optimizer(optimizer_name, learning_rate), loss=loss, metrics=["accuracy"])
+    model.compile(
+        optimizer=optimizer(optimizer_name, learning_rate),
+        loss=loss,
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
 
 
 def preprocessing(model_cfg: DictConfig):

@@ -51,6 +51,17 @@ def resolve(choice: str) -> str:
     return "float32"
 
 
+def use_xla(choice: str | bool, policy: str) -> bool:
+    """Whether to compile training steps with XLA (`train.jit_compile`). `auto` follows what
+    `benchmarks/xla.py` measured: on a GPU yes; on a CPU only for float32 (XLA sped a float32
+    fine-tune epoch up by a third there, and halved a bfloat16 one)."""
+    if choice != "auto":
+        return bool(choice)
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU")) or policy == "float32"
+
+
 def use(choice: str) -> str:
     """Set Keras' global dtype policy for the models built next; return and log it."""
     import keras

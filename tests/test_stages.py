@@ -77,6 +77,17 @@ def test_precision_auto_follows_the_hardware():
     assert precision.resolve("float32") == "float32"
 
 
+def test_xla_choice_follows_the_measured_rule():
+    import tensorflow as tf
+
+    from src import precision
+
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert precision.use_xla("auto", "float32") is True
+    assert precision.use_xla("auto", "mixed_bfloat16") is on_gpu
+    assert precision.use_xla(False, "float32") is False and precision.use_xla(True, "mixed_bfloat16") is True
+
+
 def test_train_head_keeps_best_epoch_and_writes_history(pipeline):
     _, tmp, results = pipeline
     history = pd.read_csv(tmp / "work" / "reports" / "head" / "history.csv")
