@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> dict:
 
     classes = datasets.load_classes(cfg)
     policy = precision.use(cfg.train.precision)  # the base computes in it; the head keeps float32 layers
-    xla = precision.use_xla(cfg.train.jit_compile, policy)
+    xla = precision.use_xla(cfg.train.jit_compile)
     base = models.conv_base(cfg.model, cfg.dataset.image_size)
     model = models.full_model(base, head_model, cfg.model, cfg.augment, cfg.seed)
     unfrozen = models.unfreeze_top(base, ft.layers)

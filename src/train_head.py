@@ -26,18 +26,18 @@ def run(cfg: DictConfig) -> dict:
     classes = datasets.load_classes(cfg)
     h = cfg.head
     if is_pretrained(cfg):
-        policy = precision.use("float32")  # a small dense head on cached features gains nothing from less
+        precision.use("float32")  # a small dense head on cached features gains nothing from less
         x_train, y_train = datasets.load_features(cfg, "train")
         x_val, y_val = datasets.load_features(cfg, "val")
         model = models.head(h, x_train.shape[1:], len(classes))
     else:
-        policy = precision.use(cfg.train.precision)
+        precision.use(cfg.train.precision)
         x_train, y_train = datasets.load_images(cfg, "train")
         x_val, y_val = datasets.load_images(cfg, "val")
         model = models.scratch_model(
             cfg.model, h, cfg.augment, cfg.dataset.image_size, len(classes), cfg.seed
         )
-    xla = precision.use_xla(cfg.train.jit_compile, policy)
+    xla = precision.use_xla(cfg.train.jit_compile)
     models.compile_model(model, len(classes), h.optimizer, h.learning_rate, jit_compile=xla)
     train_data = datasets.batches(x_train, y_train, h.batch_size, shuffle=True, seed=cfg.seed)
     val_data = datasets.batches(x_val, y_val, h.batch_size)

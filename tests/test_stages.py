@@ -83,9 +83,8 @@ def test_xla_choice_follows_the_measured_rule():
     from src import precision
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    assert precision.use_xla("auto", "float32") is True
-    assert precision.use_xla("auto", "mixed_bfloat16") is on_gpu
-    assert precision.use_xla(False, "float32") is False and precision.use_xla(True, "mixed_bfloat16") is True
+    assert precision.use_xla("auto") is on_gpu  # XLA did not help on the CPUs measured
+    assert precision.use_xla(False) is False and precision.use_xla(True) is True
 
 
 def test_train_head_keeps_best_epoch_and_writes_history(pipeline):
