@@ -159,6 +159,22 @@ def finetune_rates(work: Path, folder: Path, size: int) -> dict[tuple[str, bool]
     return rates
 
 
+def own_peak_rss_mib() -> float:
+    """Peak resident memory of this process's own address space, in MiB.
+
+    `VmHWM` from /proc/self/status, not `getrusage().ru_maxrss`: on Linux the latter keeps the
+    high-water mark of the address space a process had before `exec`, and a child spawned
+    with vfork (as `subprocess` does) starts out in its parent's, so it would report the
+    benchmark process's own memory rather than the extract stage's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: the best there is
+
+
 def rss_child(prepared: str, size: int) -> None:
     """Run the extract stage on a prepared folder in this fresh process; print peak RSS (MiB)."""
     from omegaconf import open_dict
@@ -170,7 +186,7 @@ def rss_child(prepared: str, size: int) -> None:
     with open_dict(cfg):
         cfg.paths.prepared = prepared
     extract.run(cfg)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": own_peak_rss_mib()}))
 
 
 def peak_rss(work: Path, source: np.ndarray, n: int, size: int) -> float:
