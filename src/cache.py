@@ -20,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src import precision
-from src.config import REPO_ROOT, resolve_path
+from src import hashing, precision
+from src.config import REPO_ROOT, resolve_input, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
     if stage == "extract":
         upstream = _read_info(resolve_path(cfg.paths.prepared)).get("cache_key")
         model = OmegaConf.to_container(cfg.model, resolve=True)
+        weights = cfg.model.get("weights")
+        if weights not in (None, "imagenet"):  # the file's content, not its name
+            model["weights"] = hashing.file_digest(resolve_input(weights), hashing.store(cfg))
         policy = precision.resolve(cfg.train.precision)
         return _digest("extract", model, cfg.dataset.image_size, policy, upstream, _code(code))
     raise KeyError(stage)

@@ -45,7 +45,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from src import stage
+from src import hashing, stage
 from src.config import resolve_input, resolve_path
 from src.stage import StageError
 
@@ -341,12 +341,18 @@ BUILDERS: dict[str, Callable[[list[Path], Path], None]] = {
 # --- the stage -----------------------------------------------------------------------------
 
 
-def fingerprint(root: Path) -> tuple[int, str]:
-    """(file count, sha256 of every file's relative path and size): cheap, changes with the data."""
+def fingerprint(root: Path, db: Path) -> tuple[int, str]:
+    """(file count, sha256 over every file's relative path and content digest). Hidden files and
+    folders are left out, as `prepare` leaves them out; content digests are remembered in `db`
+    (`src.hashing`), so an unchanged tree is not read again."""
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    for path in files:
-        digest.update(f"{path.relative_to(root).as_posix()}|{path.stat().st_size}\n".encode())
+    for path, content in zip(files, hashing.digests(files, db)):
+        digest.update(f"{path.relative_to(root).as_posix()}|{content}\n".encode())
     return len(files), digest.hexdigest()
 
 
@@ -375,7 +381,7 @@ def run(cfg: DictConfig) -> dict:
             raise
         stage.replace_dir(built, root)
         kind = "download"
-    files, digest = fingerprint(root)
+    files, digest = fingerprint(root, hashing.store(cfg))
     if files == 0:
         raise DownloadError(f"{root} holds no files: expected class subfolders of images")
     info = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) 
     """Loss and accuracy of `model` on (x, y), and its (N, n_classes) probabilities."""
     import keras
 
+    if len(x) == 0:
+        raise stage.StageError("nothing to score: the split holds no images")
     raw = model.predict(datasets.batches(x, None, batch_size), verbose=0)
     probs = models.probabilities(raw)
     _, _, loss_name = models.output_spec(n_classes)
@@ -36,6 +39,51 @@ def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) 
     loss = float(np.mean(keras.ops.convert_to_numpy(loss_fn(y_true, raw))))
     accuracy = float(np.mean(probs.argmax(axis=1) == y))
     return {"accuracy": round(accuracy, 6), "loss": round(loss, 6)}, probs
+
+
+def per_class_report(y: np.ndarray, predicted: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class (one row each, in label order, real names in
+    the `class` column), then accuracy, macro and weighted averages. Rows are by position, so a
+    class may be called `accuracy` or `macro avg` without clashing with the summary rows."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    p, r, f, support = precision_recall_fscore_support(y, predicted, labels=labels, zero_division=0)
+    rows = [
+        {"class": c, "precision": p[i], "recall": r[i], "f1-score": f[i], "support": int(support[i])}
+        for i, c in enumerate(classes)
+    ]
+    total = int(support.sum())
+    accuracy = float(np.mean(y == predicted)) if total else 0.0
+    rows.append(
+        {
+            "class": "accuracy",
+            "precision": accuracy,
+            "recall": accuracy,
+            "f1-score": accuracy,
+            "support": total,
+        }
+    )
+    rows.append(
+        {
+            "class": "macro avg",
+            "precision": p.mean(),
+            "recall": r.mean(),
+            "f1-score": f.mean(),
+            "support": total,
+        }
+    )
+    weights = support / max(total, 1)
+    rows.append(
+        {
+            "class": "weighted avg",
+            "precision": float(p @ weights),
+            "recall": float(r @ weights),
+            "f1-score": float(f @ weights),
+            "support": total,
+        }
+    )
+    return pd.DataFrame(rows, columns=["class", "precision", "recall", "f1-score", "support"])
 
 
 def stage_seconds(cfg: DictConfig) -> dict[str, float]:
@@ -49,14 +97,25 @@ def stage_seconds(cfg: DictConfig) -> dict[str, float]:
 
 
 def val_accuracy(cfg: DictConfig) -> float | None:
-    """Validation accuracy of the final model: fine-tune's best epoch, else the head's."""
+    """Validation accuracy of the final model: fine-tune's best epoch, else the head's; None
+    when neither trained an epoch (or the value is not a finite number)."""
     for name in ("finetune", "train_head"):
         summary = stage.summary_path(cfg, name)
         if summary.is_file():
             best = json.loads(summary.read_text()).get("best") or {}
-            if best.get("val_accuracy") is not None:
-                return float(best["val_accuracy"])
+            value = best.get("val_accuracy")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                return float(value)
     return None
+
+
+def require_images(array: np.ndarray, split: str, folder: Path) -> None:
+    """Refuse to evaluate on an empty split, naming it and where it was read from."""
+    if len(array) == 0:
+        raise stage.StageError(
+            f"split {split!r} in {folder} holds no images: nothing to evaluate on; "
+            "check dataset.split and dataset.limit_per_class, then rerun prepare (dvc repro)"
+        )
 
 
 def plot_curves(histories: dict[str, Path], path: Path) -> None:
@@ -81,7 +140,8 @@ def plot_curves(histories: dict[str, Path], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no curves when no epoch was trained
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -146,7 +206,7 @@ def plot_misclassified(
 def run(cfg: DictConfig) -> dict:
     """Evaluate on the test split, write reports, log the run to MLflow."""
     import keras
-    from sklearn.metrics import classification_report, confusion_matrix
+    from sklearn.metrics import confusion_matrix
 
     classes = datasets.load_classes(cfg)
     n = len(classes)
@@ -157,26 +217,28 @@ def run(cfg: DictConfig) -> dict:
     (reports / "plots").mkdir(parents=True, exist_ok=True)
 
     images, y = datasets.load_images(cfg, "test")
+    require_images(images, "test", datasets.prepared_dir(cfg))
+    if is_pretrained(cfg):
+        features, y_feat = datasets.load_features(cfg, "test")
+        require_images(features, "test", resolve_path(cfg.paths.features))
     final_model = keras.saving.load_model(model_dir / "final.keras")
     test, probs = score(final_model, images, y, n, cfg.train.batch_size)
     metrics = {"test": test}
     if is_pretrained(cfg):
-        features, y_feat = datasets.load_features(cfg, "test")
         head_model = keras.saving.load_model(model_dir / "head.keras")
         metrics["head_test"], _ = score(head_model, features, y_feat, n, cfg.train.batch_size)
     predicted = probs.argmax(axis=1)
-    report = classification_report(
-        y, predicted, labels=list(range(n)), target_names=classes, output_dict=True, zero_division=0
-    )
+    report = per_class_report(y, predicted, classes)
     per_class = {
-        c: {k: round(float(report[c][k]), 6) for k in ("precision", "recall", "f1-score")} for c in classes
+        c: {k: round(float(row[k]), 6) for k in ("precision", "recall", "f1-score")}
+        for c, (_, row) in zip(classes, report.iloc[: len(classes)].iterrows())
     }
-    metrics["macro_f1"] = round(float(report["macro avg"]["f1-score"]), 6)
+    metrics["macro_f1"] = round(float(report.iloc[len(classes) + 1]["f1-score"]), 6)
     metrics["seconds"] = stage_seconds(cfg)
     if (val := val_accuracy(cfg)) is not None:
         metrics["val"] = {"accuracy": round(val, 6)}
     stage.write_json(reports / "metrics.json", metrics)
-    pd.DataFrame(report).transpose().to_csv(reports / "classification_report.csv")
+    report.to_csv(reports / "classification_report.csv", index=False)
     pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in predicted]}).to_csv(
         reports / "plots" / "confusion.csv", index=False
     )

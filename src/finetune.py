@@ -12,7 +12,6 @@ Writes `<paths.models>/final.keras` (image in, probabilities out) and
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +85,14 @@ def _fit_from_boundary(
     ft = cfg.finetune
     bottom, top = split
     preprocess = models.preprocessing(cfg.model)
-    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
+    with stage.scratch_dir(model_dir, "activations") as tmp:
         data = {}
         for name in ("train", "val"):
             images, labels = datasets.load_images(cfg, name)
             shape = models.predict_to_file(
-                bottom, preprocess, images, cfg.train.batch_size, Path(tmp) / f"{name}.npy"
+                bottom, preprocess, images, cfg.train.batch_size, tmp / f"{name}.npy"
             )
-            data[name] = (np.load(Path(tmp) / f"{name}.npy", mmap_mode="r"), labels)
+            data[name] = (np.load(tmp / f"{name}.npy", mmap_mode="r"), labels)
         log.info("cached activations at the freeze boundary %s: training the top only", shape[1:])
         inputs = keras.Input(shape=shape[1:], name="boundary_activations")
         trainer = keras.Model(inputs, head_model(top(inputs, training=False)), name="top_and_head")

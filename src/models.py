@@ -85,13 +85,18 @@ def conv_base(model_cfg: DictConfig, image_size: int):
     try:
         return app(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
     except Exception as err:
-        if weights == "imagenet":
-            from src.stage import StageError
+        from src.stage import StageError
 
+        if weights == "imagenet":
             raise StageError(
                 f"could not load the ImageNet weights of {model_cfg.name} ({err}). Keras downloads them "
                 "once into ~/.keras/models; offline, point model.weights at a local .weights.h5 file "
                 "(e.g. model.weights=/path/to/vgg16_imagenet_notop.weights.h5)"
+            ) from err
+        if weights is not None:
+            raise StageError(
+                f"model.weights={model_cfg.weights}: could not load it into {model_cfg.name} ({err}); "
+                f"use the conv-base (no top) weights of {model_cfg.name}"
             ) from err
         raise
 

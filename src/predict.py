@@ -8,6 +8,12 @@
 `classes.json` beside it) or an MLflow model URI (`runs:/<id>/model`,
 `models:/<name>/<version>`, classes from the model's metadata), resolved against the
 tracking store configured in params.yaml.
+
+Prints `path<TAB>class<TAB>probability` for each readable image. Files that cannot be decoded
+are listed on stderr (`skipped <path>: <reason>`) and the others still classified; under a
+folder, hidden files (`.DS_Store`, `._x.jpg`) and non-image suffixes are left out. Exit status:
+0 when at least one image was classified, 1 when none could be read, 2 for a missing target
+or a model that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -15,56 +21,140 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from src.config import load_params, resolve_path
+from src.config import ConfigError, load_params, resolve_path
 from src.prepare import IMAGE_SUFFIXES, load_rgb, natural_key
+
+USAGE_HINT = "pass --model a .keras file saved by the pipeline (models/final.keras) or an MLflow model URI"
+
+
+class ModelError(Exception):
+    """A `--model` argument that does not name a usable model."""
 
 
 def image_files(target: Path) -> list[Path]:
-    """The image itself, or the images under a folder (recursively, in natural order)."""
+    """The image itself, or the images under a folder (recursively, in natural order), leaving
+    out hidden files and folders and files without an image suffix."""
     if target.is_file():
         return [target]
     if target.is_dir():
-        files = [p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [
+            p
+            for p in target.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(target).parts)
+        ]
         return sorted(files, key=lambda p: natural_key(str(p.relative_to(target))))
     raise FileNotFoundError(f"{target} is neither an image nor a folder")
 
 
-def load_model(spec: str | None) -> tuple[object, list[str]]:
-    """(Keras model, class names) from a .keras path or an MLflow model URI."""
+def _first_sentence(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _load_keras_file(spec: str | None) -> tuple[object, list[str]]:
+    path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
+    name = f"--model {spec}" if spec else f"the default model {path}"
+    if not path.is_file():
+        fix = USAGE_HINT if spec else f"run `dvc repro` first or {USAGE_HINT}"
+        raise ModelError(f"{name}: no such file; {fix}")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ModelError(f"{name}: not a Keras model (a .keras file is a zip archive); {USAGE_HINT}")
     import keras
 
-    if spec is None or ":/" not in spec:
-        path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
-        classes_file = path.with_name("classes.json")  # train_head writes it beside the models
-        for needed in (path, classes_file):
-            if not needed.is_file():
-                raise FileNotFoundError(f"{needed} not found: run `dvc repro` first or pass --model")
-        return keras.saving.load_model(path), json.loads(classes_file.read_text())
-    import mlflow
-
-    from src import tracking
-
-    mlflow.set_tracking_uri(tracking.tracking_uri(load_params()))
-    model = mlflow.tensorflow.load_model(spec)
-    classes = mlflow.models.get_model_info(spec).metadata["classes"]
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as err:  # Keras raises ValueError, OSError, zip errors, ... for what is not a model
+        raise ModelError(f"{name}: not a Keras model ({_first_sentence(err)}); {USAGE_HINT}") from None
+    classes_file = path.with_name("classes.json")  # train_head writes it beside the models
+    try:
+        classes = json.loads(classes_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(
+            f"{name}: needs the class names in {classes_file} beside it ({_first_sentence(err)}); "
+            "copy the classes.json written by train_head there"
+        ) from None
     return model, classes
 
 
-def predict(model, classes: list[str], files: list[Path], batch_size: int = 32) -> list[dict]:
-    """Class and probability for each image file."""
+def _load_mlflow_model(spec: str) -> tuple[object, list[str]]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from src import tracking
+
+    uri = tracking.tracking_uri(load_params())
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = mlflow.models.get_model_info(spec)
+        model = mlflow.tensorflow.load_model(spec)
+    except (MlflowException, OSError) as err:
+        raise ModelError(
+            f"--model {spec}: cannot be loaded from the MLflow store {uri} ({_first_sentence(err)}); "
+            "check the URI (mlflow ui lists runs and registered models), point MLFLOW_TRACKING_URI "
+            "or tracking.uri at the store that holds it, or pass a .keras file"
+        ) from None
+    classes = (info.metadata or {}).get("classes")
+    if not classes:
+        raise ModelError(f"--model {spec}: the model has no class names in its metadata; {USAGE_HINT}")
+    return model, list(classes)
+
+
+def load_model(spec: str | None) -> tuple[object, list[str]]:
+    """(Keras model, class names) from a .keras path or an MLflow model URI; a ModelError
+    (naming the argument and what to do) when it is missing or not a model."""
+    if spec is None or ":/" not in spec:
+        return _load_keras_file(spec)
+    return _load_mlflow_model(spec)
+
+
+def read_images(files: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[tuple[Path, str]]]:
+    """Decode each file on its own: (readable paths, their size x size x 3 uint8 images,
+    (path, reason) for each file that could not be read)."""
+
+    def decode(path: Path) -> np.ndarray | str:
+        try:
+            return load_rgb(path, size)
+        except Exception as err:  # any unreadable file is reported, never fatal
+            return f"{type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding
+        decoded = list(pool.map(decode, files))
+    good = [(path, array) for path, array in zip(files, decoded) if not isinstance(array, str)]
+    bad = [(path, reason) for path, reason in zip(files, decoded) if isinstance(reason, str)]
+    images = np.stack([a for _, a in good]) if good else np.zeros((0, size, size, 3), np.uint8)
+    return [p for p, _ in good], images, bad
+
+
+def predict(
+    model,
+    classes: list[str],
+    files: list[Path],
+    batch_size: int = 32,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> list[dict]:
+    """Class and probability for each readable image file, in order. Unreadable files are
+    left out and appended to `skipped` as (path, reason)."""
     from src.models import probabilities
 
     size = model.input_shape[1]
     results = []
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        batch = np.stack([load_rgb(f, size) for f in chunk]).astype(np.float32)
-        probs = probabilities(model.predict(batch, verbose=0))
-        for path, p in zip(chunk, probs):
+        paths, batch, bad = read_images(files[start : start + batch_size], size)
+        if skipped is not None:
+            skipped.extend(bad)
+        if not paths:
+            continue
+        probs = probabilities(model.predict(batch.astype(np.float32), verbose=0))
+        for path, p in zip(paths, probs):
             best = int(p.argmax())
             results.append({"path": str(path), "class": classes[best], "probability": float(p[best])})
     return results
@@ -78,13 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = image_files(args.target)
         if not files:
-            raise FileNotFoundError(f"no images under {args.target}")
+            raise FileNotFoundError(
+                f"no image files under {args.target} ({' '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         model, classes = load_model(args.model)
-    except (FileNotFoundError, KeyError, OSError) as err:
+    except (FileNotFoundError, ModelError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for row in predict(model, classes, files):
+    if args.target.is_dir() and (left_out := sum(p.is_file() for p in args.target.rglob("*")) - len(files)):
+        print(f"note: left out {left_out} hidden or non-image files under {args.target}", file=sys.stderr)
+    skipped: list[tuple[Path, str]] = []
+    rows = predict(model, classes, files, skipped=skipped)
+    for row in rows:
         print(f"{row['path']}\t{row['class']}\t{row['probability']:.4f}")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not rows:
+        print(f"error: no image could be read ({len(files)} tried)", file=sys.stderr)
+        return 1
     return 0
 
 

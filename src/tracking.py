@@ -8,9 +8,15 @@ no server needed, wherever the process was started. `MLFLOW_TRACKING_URI` or
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import posixpath
+import re
 import subprocess
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +29,9 @@ log = logging.getLogger(__name__)
 
 
 STORE_DIR = project_root() / "mlruns"
+# Key characters every MLflow store takes: letters, digits, `_ - . /` (not all take spaces or colons).
+UNSAFE_KEY_CHARS = re.compile(r"[^\w./-]")
+MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param keys
 
 
 def default_uri() -> str:
@@ -65,6 +74,47 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
+def safe_keys(keys: Iterable[str]) -> dict[str, str]:
+    """Map each key to one MLflow accepts on every store: characters outside letters, digits and
+    `_ - . /` become `_` (`dogs, big (2)` -> `dogs__big__2_`), a key that would read as a file path
+    (`a//b`, `../x`) loses its slashes, and keys that end up equal to another key get a short
+    suffix from a hash of their original text, so distinct keys stay distinct on every rerun."""
+    keys = list(dict.fromkeys(keys))
+    cleaned = {}
+    for key in keys:
+        safe = UNSAFE_KEY_CHARS.sub("_", key)
+        if posixpath.normpath(safe) != safe or safe.startswith(("/", "..")) or safe in ("", "."):
+            safe = safe.replace("/", "_")
+            if safe.startswith("..") or safe in ("", "."):
+                safe = "_" + safe
+        cleaned[key] = safe
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key, safe in cleaned.items():
+        groups[safe].append(key)
+    taken = {key for key, safe in cleaned.items() if key == safe}
+    out = {}
+    for key, safe in cleaned.items():
+        clash = safe != key and (len(groups[safe]) > 1 or safe in taken)
+        if clash or len(safe) > MAX_KEY_LENGTH:
+            digest = hashlib.sha1(key.encode()).hexdigest()
+            width = 6
+            while True:
+                suffix = "_" + digest[:width]
+                candidate = safe[: MAX_KEY_LENGTH - len(suffix)] + suffix
+                if candidate not in taken or width == len(digest):
+                    break
+                width += 2
+            safe = candidate
+        out[key] = safe
+        taken.add(safe)
+    return out
+
+
+def renamed(mapping: dict[str, str]) -> dict[str, str]:
+    """The entries of a `safe_keys` mapping that changed, as safe key -> original key."""
+    return {safe: key for key, safe in mapping.items() if safe != key}
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -84,7 +134,8 @@ def log_history(history_csv: Path, prefix: str, offset: int = 0) -> int:
     for row in frame.to_dict("records"):
         step = offset + int(row.pop("epoch"))
         metrics = {f"{prefix}.{k}": float(v) for k, v in row.items() if pd.notna(v)}
-        mlflow.log_metrics(metrics, step=step)
+        names = safe_keys(metrics)
+        mlflow.log_metrics({names[k]: v for k, v in metrics.items()}, step=step)
     return len(frame)
 
 
@@ -99,7 +150,11 @@ def log_pipeline_run(
     fingerprint: str,
     image_size: int,
 ) -> dict:
-    """Log one pipeline run to MLflow; return its run id, experiment id and model URI."""
+    """Log one pipeline run to MLflow; return its run id, experiment id and model URI.
+
+    Metric and param keys MLflow would refuse (class names with commas, brackets, ...) are
+    logged under safe names (`safe_keys`); `metric_names.json` and `param_names.json` map
+    each renamed key back to the original."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -121,13 +176,19 @@ def log_pipeline_run(
         )
     with active as run:
         params = {k: v for k, v in flatten(cfg).items() if k != "tracking.run_id"}
-        items = list(params.items())
+        param_names = safe_keys(params)
+        items = [(param_names[k], v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(items[i : i + 100]))
         offset = 0
         for prefix, path in histories.items():
             offset += log_history(path, prefix, offset)  # fine-tune epochs continue after the head's
-        mlflow.log_metrics(metrics)
+        metric_names = safe_keys(metrics)
+        mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
+        for mapping, name in ((metric_names, "metric_names.json"), (param_names, "param_names.json")):
+            if changed := renamed(mapping):
+                log.warning("%d MLflow keys renamed (%s maps them back)", len(changed), name)
+                mlflow.log_text(json.dumps(changed, indent=1, ensure_ascii=False) + "\n", name)
         for path in artifacts:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=path.name)

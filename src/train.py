@@ -61,6 +61,11 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     return results
 
 
+def validation_accuracy(results: dict[str, dict]) -> float:
+    """The final model's validation accuracy (what sweepers maximise); NaN if none was measured."""
+    return float((results["evaluate"].get("val") or {}).get("accuracy", math.nan))
+
+
 def _job_folders(cfg: DictConfig, output_dir: Path) -> None:
     """A sweep job keeps its models and reports in its own Hydra job folder."""
     with open_dict(cfg):
@@ -77,7 +82,7 @@ def main(cfg: DictConfig) -> float:
         except (ConfigError, stage.StageError) as err:
             log.error("%s", err)
             sys.exit(2 if isinstance(err, ConfigError) else 1)
-        return results["evaluate"]["val"]["accuracy"]
+        return validation_accuracy(results)
 
     _job_folders(cfg, Path(hydra_cfg.runtime.output_dir))
     parent = sweep.parent_of(Path(hydra_cfg.sweep.dir))
@@ -94,7 +99,7 @@ def main(cfg: DictConfig) -> float:
         if parent is not None and run_id is not None:
             sweep.mark_failed(parent, run_id, err)
         return math.nan
-    accuracy = results["evaluate"]["val"]["accuracy"]
+    accuracy = validation_accuracy(results)
     log.info("job %d: val accuracy %.4f", hydra_cfg.job.num, accuracy)
     return accuracy
 

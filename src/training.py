@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from src import stage
+
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 
@@ -18,7 +20,7 @@ HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "sec
 def save_model(model, path: Path) -> Path:
     """Save a Keras model to `path` (.keras) via a temp file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=stage.temp_name(path.stem), suffix=".keras")
     os.close(fd)
     model.save(tmp)
     os.replace(tmp, path)
@@ -60,10 +62,8 @@ def fit_best(
     rows: list[dict] = []
     best: dict = {"epoch": None, "val_loss": None, "val_accuracy": None}
     if epochs > 0:
-        with tempfile.TemporaryDirectory(
-            dir=model_path.parent if model_path.parent.exists() else None
-        ) as tmp:
-            checkpoint = Path(tmp) / "best.weights.h5"
+        with stage.scratch_dir(model_path.parent, "checkpoint") as tmp:
+            checkpoint = tmp / "best.weights.h5"
             callback = keras.callbacks.ModelCheckpoint(
                 checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True
             )

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src import download, prepare
+from src import download, prepare, stage
 from src.config import compose, validate
 from src.download import Archive, DownloadError
 from tests.conftest import path_overrides
@@ -101,7 +101,8 @@ def test_local_path_is_recorded_with_a_fingerprint_that_tracks_the_files(tmp_pat
 
 
 def test_no_download_source_for_folder_names_the_key(tmp_path):
-    cfg = cfg_for(tmp_path, "dataset=folder", f"dataset.path={tmp_path}")
+    (tmp_path / "images").mkdir()
+    cfg = cfg_for(tmp_path, "dataset=folder", f"dataset.path={tmp_path / 'images'}")
     cfg.dataset.path = None
     with pytest.raises(DownloadError, match="dataset.path"):
         download.run(cfg)
@@ -255,7 +256,7 @@ def test_flowers_download_feeds_prepare(tmp_path, served, monkeypatch):
     info = download.run(cfg)
     root = Path(cfg.paths.raw) / "flowers"
     assert info["kind"] == "download" and info["root"] == str(root.resolve())
-    assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"]
+    assert sorted(p.name for p in root.iterdir() if p.name != stage.MARKER) == ["daisy", "roses"]
     assert info["files"] == 12
     prepared = prepare.run(cfg)
     assert prepared["classes"] == ["daisy", "roses"]

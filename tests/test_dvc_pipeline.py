@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from src.config import REPO_ROOT
-from tests.conftest import SHARED, path_overrides, require_shared
+from tests.conftest import SHARED, VGG16_WEIGHTS, path_overrides, require_shared
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -42,11 +42,8 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([a-z_]+)'", output))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git clone-like copy of the working tree with `../shared` beside it, as in CI."""
-    require_shared()
-    top = tmp_path_factory.mktemp("clone")
+def copy_repo(top: Path) -> Path:
+    """A git clone-like copy of the working tree under `top`, with `../shared` beside it, as in CI."""
     (top / "shared").symlink_to(SHARED)
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
@@ -64,6 +61,12 @@ def repo(tmp_path_factory) -> Path:
     sh(copy, "git", "add", "-A")
     sh(copy, "git", "commit", "-qm", "snapshot")
     return copy
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    require_shared()
+    return copy_repo(tmp_path_factory.mktemp("clone"))
 
 
 def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
@@ -156,3 +159,60 @@ def test_queued_experiments_run_in_temp_copies_and_log_to_the_project_store(repo
     assert len(runs) == before + 2
     assert {r.data.params["finetune.layers"] for r in runs[:2]} == {"0", "2"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_content_changes_rerun_what_reads_them_and_outputs_over_data_are_refused(tmp_path):
+    """A weights file or a dataset image replaced in place (same path, same size) is noticed by
+    `dvc status` and rerun by `dvc repro`; an output pointed at the dataset never deletes it."""
+    import h5py
+    from omegaconf import OmegaConf
+
+    from src.config import compose, write_params
+    from tests import corpus
+
+    require_shared()
+    repo = copy_repo(tmp_path)
+    images = tmp_path / "images"
+    for name in ("cats", "dogs"):
+        for i in range(12):
+            corpus.image(images / name / f"{name}{i}.bmp", 24, seed=i + (100 if name == "dogs" else 0))
+    weights = tmp_path / "weights" / "vgg16.weights.h5"
+    weights.parent.mkdir()
+    shutil.copyfile(VGG16_WEIGHTS, weights)
+    sh(
+        repo,
+        "python",
+        "-m",
+        "src.params",
+        "experiment=ci",
+        f"dataset.path={images}",
+        f"model.weights={weights}",
+    )
+    assert len(ran_stages(sh(repo, "dvc", "repro"))) == 6
+    assert "up to date" in sh(repo, "dvc", "status")
+
+    with h5py.File(weights, "r+") as f:  # other weights, same file name and size
+        bias = f["layers/conv2d/vars/1"]
+        bias[...] = bias[...] + 1.0
+    status = sh(repo, "dvc", "status")
+    assert "extract" in status and "finetune" in status and str(weights) in status
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"extract", "train_head", "finetune", "evaluate"}
+
+    corpus.image(images / "cats" / "cats0.bmp", 24, seed=999)  # other pixels, same size
+    assert "download" in sh(repo, "dvc", "status")
+    assert {"download", "prepare", "extract"} <= ran_stages(sh(repo, "dvc", "repro"))
+
+    # params.yaml edited by hand (no `src.params` check): the prepared output on the dataset
+    cfg = compose(["experiment=ci", f"dataset.path={images}", f"model.weights={weights}"])
+    OmegaConf.update(cfg, "paths.prepared", str(images))
+    write_params(cfg, repo / "params.yaml")
+    before = sorted(p.relative_to(images) for p in images.rglob("*"))
+    proc = subprocess.run(
+        ["dvc", "repro"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
+    assert proc.returncode != 0 and "paths.prepared=" in proc.stdout + proc.stderr
+    assert sorted(p.relative_to(images) for p in images.rglob("*")) == before

@@ -224,7 +224,10 @@ def test_from_scratch_model_flows_through_the_same_stages(tmp_path):
     )
     results = run_all(cfg)
     assert results["extract"]["pretrained"] is False
-    assert [p.name for p in (tmp_path / "work" / "features").iterdir()] == ["info.json"]
+    assert sorted(p.name for p in (tmp_path / "work" / "features").iterdir()) == [
+        stage.MARKER,
+        "info.json",
+    ]
     assert results["finetune"]["unfrozen"] == [] and results["finetune"]["epochs"] == 0
     assert results["evaluate"]["head_test"] is None and "mlflow" not in results["evaluate"]
     assert len(results["evaluate"]["per_class"]) == 43
