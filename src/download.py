@@ -235,6 +235,9 @@ def _readable_jpeg(data: bytes) -> bool:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
                 return False
+            im.draft("RGB", (256, 256))  # reduced-size decoding: the check needs no full-size pixels
+            if im.size[0] * im.size[1] > 40_000_000:
+                return False  # far beyond any photo of the archive: not decoded
             im.load()
         return True
     except Exception:

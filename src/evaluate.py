@@ -285,6 +285,8 @@ def run(cfg: DictConfig) -> dict:
                 prepared / "classes.json",
                 prepared / "counts.csv",
                 prepared / "skipped.csv",
+                prepared / "report.json",
+                prepared / "leakage.csv",
             ],
             fingerprint=info["fingerprint"],
             image_size=cfg.dataset.image_size,

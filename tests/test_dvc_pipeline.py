@@ -202,17 +202,18 @@ def test_content_changes_rerun_what_reads_them_and_outputs_over_data_are_refused
     assert "download" in sh(repo, "dvc", "status")
     assert {"download", "prepare", "extract"} <= ran_stages(sh(repo, "dvc", "repro"))
 
-    # params.yaml edited by hand (no `src.params` check): the prepared output on the dataset
-    cfg = compose(["experiment=ci", f"dataset.path={images}", f"model.weights={weights}"])
-    OmegaConf.update(cfg, "paths.prepared", str(images))
-    write_params(cfg, repo / "params.yaml")
-    before = sorted(p.relative_to(images) for p in images.rglob("*"))
-    proc = subprocess.run(
-        ["dvc", "repro"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
-    )
-    assert proc.returncode != 0 and "paths.prepared=" in proc.stdout + proc.stderr
-    assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
+    # params.yaml edited by hand (no `src.params` check): outputs over the dataset or the weights
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    owned = sorted(p.relative_to(tmp_path) for p in [*images.rglob("*"), *weights.parent.rglob("*")])
+    for key, target, refusal in [
+        ("paths.prepared", images, "both a dependency and an output"),  # DVC's own check
+        ("paths.reports", weights.parent, "paths.reports="),  # the download stage's, before any deletion
+    ]:
+        cfg = compose(["experiment=ci", f"dataset.path={images}", f"model.weights={weights}"])
+        OmegaConf.update(cfg, key, str(target))
+        write_params(cfg, repo / "params.yaml")
+        proc = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env)
+        assert proc.returncode != 0 and refusal in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        assert (
+            sorted(p.relative_to(tmp_path) for p in [*images.rglob("*"), *weights.parent.rglob("*")]) == owned
+        )
