@@ -2,9 +2,15 @@
 write metrics and plots, and log the whole pipeline run to MLflow.
 
 Writes to `<paths.reports>/`: `metrics.json` (test and head-only accuracy and loss, macro F1,
-stage timings; for `dvc metrics show`), `classification_report.csv` (per-class precision,
-recall, F1), `plots/confusion.csv` (for `dvc plots show`),
-`figures/{curves,confusion_matrix,misclassified}.png`.
+test expected calibration error, stage timings; for `dvc metrics show`),
+`classification_report.csv` (per-class precision, recall, F1), `plots/confusion.csv` and
+`plots/reliability.csv` (for `dvc plots show`),
+`figures/{curves,confusion_matrix,misclassified,reliability}.png`.
+
+With `evaluate.temperature_scaling`, one temperature is fitted on the validation split's
+predictions of the final model and saved as `<paths.models>/temperature.json` (which
+`src.predict` applies); the test ECE and NLL after scaling join the metrics. Without it, a
+`temperature.json` left by an earlier run is removed.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from src import datasets, models, stage, tracking
+from src import calibration, datasets, models, stage, tracking
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
 TIMED_STAGES = ("download", "prepare", "extract", "train_head", "finetune")
+TEMPERATURE_FILE = "temperature.json"  # beside final.keras and classes.json
 
 
 def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) -> tuple[dict, np.ndarray]:
@@ -179,13 +186,15 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
 def plot_misclassified(
     images: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, limit: int = 16
 ) -> int:
-    """A grid of (up to `limit`) misclassified test images with true and predicted class."""
+    """A grid of (the first `limit`) misclassified test images with true and predicted class;
+    returns how many images are misclassified in all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    wrong = np.flatnonzero(probs.argmax(axis=1) != y)[:limit]
+    all_wrong = np.flatnonzero(probs.argmax(axis=1) != y)
+    wrong = all_wrong[:limit]
     cols = 4
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
@@ -197,10 +206,81 @@ def plot_misclassified(
         ax.set_title(f"true {classes[y[i]]}\npred {classes[pred]} ({probs[i, pred]:.2f})", fontsize=9)
     if not len(wrong):
         axes.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    elif len(all_wrong) > len(wrong):
+        fig.suptitle(f"{len(wrong)} of {len(all_wrong)} misclassified test images", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return len(wrong)
+    return len(all_wrong)
+
+
+def plot_reliability(tables: dict[str, pd.DataFrame], eces: dict[str, float], path: Path) -> None:
+    """Reliability diagram: accuracy against mean confidence per bin (one line per table, e.g.
+    before and after temperature scaling), the diagonal of perfect calibration, and the number
+    of test images in each bin below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    for i, (name, table) in enumerate(tables.items()):
+        filled = table[table["count"] > 0]
+        top.plot(filled["confidence"], filled["accuracy"], "-o", ms=4, label=f"{name} (ECE {eces[name]:.3f})")
+        width = float((table["upper"] - table["lower"]).iloc[0])
+        shift = (i - (len(tables) - 1) / 2) * width / len(tables)
+        centers = (table["lower"] + table["upper"]) / 2 + shift
+        bars = bottom.bar(centers, table["count"], width=width / len(tables), alpha=0.7, label=name)
+        if len(table) <= 20:
+            bottom.bar_label(bars, labels=[str(c) if c else "" for c in table["count"]], fontsize=7)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy")
+    top.set_title("reliability on the test split")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("test images")
+    bottom.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def check_bins(cfg: DictConfig) -> int:
+    """`evaluate.bins` as an int, refused unless it is a whole number of at least 1."""
+    bins = cfg.evaluate.bins
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise stage.StageError(f"evaluate.bins={bins!r} is not allowed: it must be an integer of at least 1")
+    return bins
+
+
+def validation_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The prepared validation images and labels that the temperature is fitted on."""
+    images, y = datasets.load_images(cfg, "val")
+    if len(images) == 0:
+        raise stage.StageError(
+            f"evaluate.temperature_scaling needs validation images, but split 'val' in "
+            f"{datasets.prepared_dir(cfg)} holds none; set evaluate.temperature_scaling=false, or give "
+            "the validation split images (dataset.split, dataset.limit_per_class) and rerun prepare"
+        )
+    return images, y
+
+
+def fit_temperature(model, images: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) -> float:
+    """The temperature that minimises the model's NLL on (images, y), the validation split."""
+    _, val_probs = score(model, images, y, n_classes, batch_size)
+    temperature = calibration.fit_temperature(val_probs, y)
+    low, high = np.exp(calibration.LOG_T_BOUNDS)
+    if not low * 1.01 < temperature < high / 1.01:
+        log.warning(
+            "temperature %.4g is at the edge of the range searched (%g to %g)", temperature, low, high
+        )
+    log.info("temperature %.4f fitted on %d validation images", temperature, len(y))
+    return temperature
 
 
 def run(cfg: DictConfig) -> dict:
@@ -208,6 +288,7 @@ def run(cfg: DictConfig) -> dict:
     import keras
     from sklearn.metrics import confusion_matrix
 
+    bins = check_bins(cfg)
     classes = datasets.load_classes(cfg)
     n = len(classes)
     reports = resolve_path(cfg.paths.reports)
@@ -218,6 +299,8 @@ def run(cfg: DictConfig) -> dict:
 
     images, y = datasets.load_images(cfg, "test")
     require_images(images, "test", datasets.prepared_dir(cfg))
+    if cfg.evaluate.temperature_scaling:
+        val_images, y_val = validation_images(cfg)
     if is_pretrained(cfg):
         features, y_feat = datasets.load_features(cfg, "test")
         require_images(features, "test", resolve_path(cfg.paths.features))
@@ -228,6 +311,22 @@ def run(cfg: DictConfig) -> dict:
         head_model = keras.saving.load_model(model_dir / "head.keras")
         metrics["head_test"], _ = score(head_model, features, y_feat, n, cfg.train.batch_size)
     predicted = probs.argmax(axis=1)
+    test["ece"] = round(calibration.expected_calibration_error(probs, y, bins), 6)
+    tables = {"model": calibration.reliability_table(probs, y, bins)}
+    eces = {"model": test["ece"]}
+    temperature_file = model_dir / TEMPERATURE_FILE
+    if cfg.evaluate.temperature_scaling:
+        temperature = fit_temperature(final_model, val_images, y_val, n, cfg.train.batch_size)
+        scaled = calibration.apply_temperature(probs, temperature)
+        test["ece_calibrated"] = round(calibration.expected_calibration_error(scaled, y, bins), 6)
+        test["nll_calibrated"] = round(calibration.negative_log_likelihood(probs, y, temperature), 6)
+        metrics["temperature"] = round(temperature, 6)
+        tables["temperature scaled"] = calibration.reliability_table(scaled, y, bins)
+        eces["temperature scaled"] = test["ece_calibrated"]
+        stage.write_json(temperature_file, {"temperature": temperature})
+    elif temperature_file.is_file():
+        temperature_file.unlink()  # fitted for an earlier run: src.predict must not apply it
+        log.info("removed %s (evaluate.temperature_scaling is false)", temperature_file)
     report = per_class_report(y, predicted, classes)
     per_class = {
         c: {k: round(float(row[k]), 6) for k in ("precision", "recall", "f1-score")}
@@ -242,17 +341,23 @@ def run(cfg: DictConfig) -> dict:
     pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in predicted]}).to_csv(
         reports / "plots" / "confusion.csv", index=False
     )
+    reliability = tables["model"]
+    reliability[reliability["count"] > 0].to_csv(reports / "plots" / "reliability.csv", index=False)
 
     histories = {"head": reports / "head" / "history.csv", "finetune": reports / "finetune" / "history.csv"}
     matrix = confusion_matrix(y, predicted, labels=list(range(n)))
     plot_curves(histories, figures / "curves.png")
     plot_confusion(matrix, classes, figures / "confusion_matrix.png")
     n_wrong = plot_misclassified(images, y, probs, classes, figures / "misclassified.png")
+    plot_reliability(tables, eces, figures / "reliability.png")
     log.info(
-        "test accuracy %.4f (head alone: %s), %d misclassified",
+        "test accuracy %.4f (head alone: %s), %d of %d misclassified, ECE %.4f%s",
         test["accuracy"],
         metrics.get("head_test", {}).get("accuracy", "n/a"),
         n_wrong,
+        len(y),
+        test["ece"],
+        f" ({test['ece_calibrated']:.4f} after temperature scaling)" if "ece_calibrated" in test else "",
     )
 
     result = {
@@ -261,6 +366,7 @@ def run(cfg: DictConfig) -> dict:
         "head_test": metrics.get("head_test"),
         "per_class": per_class,
         "misclassified": n_wrong,
+        "temperature": metrics.get("temperature"),
     }
     if cfg.tracking.enabled:
         flat = {f"test.{k}": v for k, v in test.items()}
@@ -268,6 +374,8 @@ def run(cfg: DictConfig) -> dict:
         flat["test.macro_f1"] = metrics["macro_f1"]
         if "val" in metrics:
             flat["val.accuracy"] = metrics["val"]["accuracy"]
+        if "temperature" in metrics:
+            flat["temperature"] = metrics["temperature"]
         flat.update({f"test.f1.{c}": v["f1-score"] for c, v in per_class.items()})
         flat.update({f"time.{name}_seconds": seconds for name, seconds in metrics["seconds"].items()})
         prepared = datasets.prepared_dir(cfg)
@@ -287,6 +395,7 @@ def run(cfg: DictConfig) -> dict:
                 prepared / "skipped.csv",
                 prepared / "report.json",
                 prepared / "leakage.csv",
+                temperature_file,
             ],
             fingerprint=info["fingerprint"],
             image_size=cfg.dataset.image_size,

@@ -58,9 +58,8 @@ def run(cfg: DictConfig) -> dict:
     if not epochs:
         result = training.fit_best(model, None, None, 0, model_dir / "final.keras", history_path)
         return {**result, **summary}
-    split = None
-    if ft.cached_activations and models.augmentation(cfg.augment, cfg.seed) is None:
-        split = models.split_at(base, ft.layers)  # None for bases with branches
+    # None for bases with branches (ResNet50): then every epoch runs the whole network
+    split = models.split_at(base, ft.layers) if ft.cached_activations else None
     if split is None:
         x_train, y_train = datasets.load_images(cfg, "train")
         x_val, y_val = datasets.load_images(cfg, "val")
@@ -70,16 +69,29 @@ def run(cfg: DictConfig) -> dict:
             model, train_data, val_data, epochs, model_dir / "final.keras", history_path
         )
         return {**result, **summary}
-    result = _fit_from_boundary(cfg, split, head_model, model, model_dir, history_path, len(classes), xla)
-    return {**result, **summary, "cached_activations": True}
+    augmented = models.augmentation(cfg.augment, cfg.seed) is not None
+    result = _fit_from_boundary(
+        cfg, split, head_model, model, model_dir, history_path, len(classes), xla, augmented
+    )
+    return {**result, **summary, "cached_activations": not augmented, "cached_validation": True}
 
 
 def _fit_from_boundary(
-    cfg, split, head_model, model, model_dir: Path, history_path: Path, n_classes: int, xla: bool
+    cfg,
+    split,
+    head_model,
+    model,
+    model_dir: Path,
+    history_path: Path,
+    n_classes: int,
+    xla: bool,
+    augmented: bool,
 ) -> dict:
-    """Without augmentation the frozen bottom gives the same activations every epoch: compute
-    them once, then train only the unfrozen top and the head on them. The top's layers are the
-    base's own, so `model` (image in) holds the trained weights and is what gets saved."""
+    """The frozen bottom gives the same activations every epoch for images that are not
+    augmented: compute them once and run only the unfrozen top and the head on them. Without
+    augmentation that is all of training and validation; with it, training runs the whole
+    network on augmented images and only validation uses the cached activations. The top's
+    layers are the base's own, so `model` (image in) holds the trained weights and is saved."""
     import keras
 
     ft = cfg.finetune
@@ -87,22 +99,35 @@ def _fit_from_boundary(
     preprocess = models.preprocessing(cfg.model)
     with stage.scratch_dir(model_dir, "activations") as tmp:
         data = {}
-        for name in ("train", "val"):
+        for name in ("val",) if augmented else ("train", "val"):
             images, labels = datasets.load_images(cfg, name)
             shape = models.predict_to_file(
                 bottom, preprocess, images, cfg.train.batch_size, tmp / f"{name}.npy"
             )
             data[name] = (np.load(tmp / f"{name}.npy", mmap_mode="r"), labels)
-        log.info("cached activations at the freeze boundary %s: training the top only", shape[1:])
+        log.info("cached activations at the freeze boundary %s (%s)", shape[1:], ", ".join(data))
         inputs = keras.Input(shape=shape[1:], name="boundary_activations")
-        trainer = keras.Model(inputs, head_model(top(inputs, training=False)), name="top_and_head")
-        models.compile_model(trainer, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla)
-        x_train, y_train = data["train"]
+        top_and_head = keras.Model(inputs, head_model(top(inputs, training=False)), name="top_and_head")
+        models.compile_model(top_and_head, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla)
         x_val, y_val = data["val"]
-        train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
         val_data = datasets.batches(x_val, y_val, ft.batch_size)
+        if augmented:  # `model` trains on images; `top_and_head` shares its weights and validates
+            x_train, y_train = datasets.load_images(cfg, "train")
+            train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
+            validation = training.validate_with(top_and_head, val_data)
+            return training.fit_best(
+                model,
+                train_data,
+                None,
+                ft.epochs,
+                model_dir / "final.keras",
+                history_path,
+                validation=validation,
+            )
+        x_train, y_train = data["train"]
+        train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
         return training.fit_best(
-            trainer,
+            top_and_head,
             train_data,
             val_data,
             ft.epochs,

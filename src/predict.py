@@ -9,6 +9,11 @@
 `models:/<name>/<version>`, classes from the model's metadata), resolved against the
 tracking store configured in params.yaml.
 
+When the evaluate stage fitted a temperature (`evaluate.temperature_scaling`), the
+probabilities are calibrated with it: from the `temperature.json` beside a `.keras` file, or,
+for an MLflow model, from its metadata or the `temperature` metric of the run that logged it.
+The class is the same either way; a note on stderr names the temperature applied.
+
 Prints `path<TAB>class<TAB>probability` for each readable image. Files that cannot be decoded
 are listed on stderr (`skipped <path>: <reason>`) and the others still classified; under a
 folder, hidden files (`.DS_Store`, `._x.jpg`) and non-image suffixes are left out. Exit status:
@@ -30,6 +35,7 @@ import numpy as np
 from src.config import ConfigError, load_params, resolve_path
 from src.prepare import IMAGE_SUFFIXES, load_rgb, natural_key
 
+TEMPERATURE_FILE = "temperature.json"  # written beside final.keras by the evaluate stage
 USAGE_HINT = "pass --model a .keras file saved by the pipeline (models/final.keras) or an MLflow model URI"
 
 
@@ -83,6 +89,52 @@ def _load_keras_file(spec: str | None) -> tuple[object, list[str]]:
             "copy the classes.json written by train_head there"
         ) from None
     return model, classes
+
+
+def _checked_temperature(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ModelError(f"{where}: the temperature must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _keras_file_temperature(spec: str | None) -> float | None:
+    path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
+    file = path.with_name(TEMPERATURE_FILE)
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_text())["temperature"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ModelError(
+            f'{file}: not a temperature file ({_first_sentence(err)}); expected {{"temperature": T}} '
+            "as the evaluate stage writes it, or remove it to print uncalibrated probabilities"
+        ) from None
+    return _checked_temperature(value, str(file))
+
+
+def _mlflow_temperature(spec: str) -> float | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from src import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(load_params()))
+    try:
+        info = mlflow.models.get_model_info(spec)
+        value = (info.metadata or {}).get("temperature")
+        if value is None and info.run_id:
+            value = mlflow.MlflowClient().get_run(info.run_id).data.metrics.get("temperature")
+    except (MlflowException, OSError) as err:
+        raise ModelError(f"--model {spec}: cannot read its temperature ({_first_sentence(err)})") from None
+    return None if value is None else _checked_temperature(value, f"--model {spec}")
+
+
+def load_temperature(spec: str | None) -> float | None:
+    """The temperature fitted for the model `spec` names (see `load_model`), or None when there is
+    none: the probabilities are then printed as the model gives them."""
+    if spec is None or ":/" not in spec:
+        return _keras_file_temperature(spec)
+    return _mlflow_temperature(spec)
 
 
 def _load_mlflow_model(spec: str) -> tuple[object, list[str]]:
@@ -140,9 +192,12 @@ def predict(
     files: list[Path],
     batch_size: int = 32,
     skipped: list[tuple[Path, str]] | None = None,
+    temperature: float | None = None,
 ) -> list[dict]:
-    """Class and probability for each readable image file, in order. Unreadable files are
-    left out and appended to `skipped` as (path, reason)."""
+    """Class and probability for each readable image file, in order, the probability calibrated
+    with `temperature` when one is given (`load_temperature`). Unreadable files are left out and
+    appended to `skipped` as (path, reason)."""
+    from src.calibration import apply_temperature
     from src.models import probabilities
 
     size = model.input_shape[1]
@@ -154,6 +209,8 @@ def predict(
         if not paths:
             continue
         probs = probabilities(model.predict(batch.astype(np.float32), verbose=0))
+        if temperature is not None:
+            probs = apply_temperature(probs, temperature)
         for path, p in zip(paths, probs):
             best = int(p.argmax())
             results.append({"path": str(path), "class": classes[best], "probability": float(p[best])})
@@ -172,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"no image files under {args.target} ({' '.join(sorted(IMAGE_SUFFIXES))})"
             )
         model, classes = load_model(args.model)
+        temperature = load_temperature(args.model)
     except (FileNotFoundError, ModelError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.target.is_dir() and (left_out := sum(p.is_file() for p in args.target.rglob("*")) - len(files)):
         print(f"note: left out {left_out} hidden or non-image files under {args.target}", file=sys.stderr)
+    if temperature is not None:
+        print(f"note: probabilities calibrated with temperature {temperature:.4g}", file=sys.stderr)
     skipped: list[tuple[Path, str]] = []
-    rows = predict(model, classes, files, skipped=skipped)
+    rows = predict(model, classes, files, skipped=skipped, temperature=temperature)
     for row in rows:
         print(f"{row['path']}\t{row['class']}\t{row['probability']:.4f}")
     for path, reason in skipped:

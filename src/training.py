@@ -52,11 +52,34 @@ def _epoch_timer(keras):
     return EpochTimer()
 
 
+def validate_with(model, val_data):
+    """A callback that scores `model` (which shares the trained model's layers, e.g. the top of
+    a network on cached activations) on `val_data` after each epoch and puts `val_loss` and
+    `val_accuracy` into the epoch's logs, for the checkpoint, the history and the progress line."""
+    import keras
+
+    class Validation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            scores = model.evaluate(val_data, verbose=0, return_dict=True)
+            if logs is not None:
+                logs.update({f"val_{name}": float(value) for name, value in scores.items()})
+
+    return Validation()
+
+
 def fit_best(
-    model, train_data, val_data, epochs: int, model_path: Path, history_path: Path, final_model=None
+    model,
+    train_data,
+    val_data,
+    epochs: int,
+    model_path: Path,
+    history_path: Path,
+    final_model=None,
+    validation=None,
 ) -> dict:
     """Train, keep the weights of the epoch with the lowest val_loss, save the model (or
-    `final_model`, which shares the trained layers) and the history."""
+    `final_model`, which shares the trained layers) and the history. `validation` (from
+    `validate_with`) scores each epoch instead of `val_data`."""
     import keras
 
     rows: list[dict] = []
@@ -72,7 +95,7 @@ def fit_best(
                 train_data,
                 validation_data=val_data,
                 epochs=epochs,
-                callbacks=[callback, timer],
+                callbacks=[c for c in (validation, callback, timer) if c is not None],
                 shuffle=False,
                 verbose=2,
             )  # batches arrive shuffled already

@@ -115,19 +115,28 @@ def test_finetune_unfreezes_exactly_block5(pipeline):
     assert len(pd.read_csv(tmp / "work" / "reports" / "finetune" / "history.csv")) == 1
 
 
-def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeline, tmp_path):
-    """Without augmentation, training the top on activations cached at the freeze boundary
-    follows the same curve as training through the whole network, and saves an image model."""
+@pytest.mark.parametrize("augmented", [False, True])
+def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeline, tmp_path, augmented):
+    """Training (without augmentation) and validation (always) on activations cached at the
+    freeze boundary follow the same curves as running the whole network, and save an image
+    model whose validation loss is the one recorded."""
     import keras
     from omegaconf import OmegaConf
 
+    from src import datasets, evaluate
+
     cfg, tmp, _ = pipeline
+    augment = (
+        {"flip": "horizontal", "rotation": 0.1, "zoom": 0.2}
+        if augmented
+        else {"flip": None, "rotation": 0.0, "zoom": 0.0}
+    )
     histories = {}
     for cached in (True, False):
         run_cfg = OmegaConf.merge(
             cfg,
             {
-                "augment": {"flip": None, "rotation": 0.0, "zoom": 0.0},
+                "augment": augment,
                 "train": {"precision": "float32"},
                 "finetune": {"cached_activations": cached, "epochs": 2},
                 "paths": {
@@ -139,10 +148,16 @@ def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeli
         Path(run_cfg.paths.models).mkdir()
         shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
         summary = finetune.run(run_cfg)
-        assert summary["cached_activations"] is cached
+        assert summary["cached_activations"] is (cached and not augmented)
+        assert summary.get("cached_validation", False) is cached
         histories[cached] = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
         model = keras.saving.load_model(Path(run_cfg.paths.models) / "final.keras")
         assert model.input_shape == (None, 64, 64, 3)
+        # the saved whole-network model scores the validation images as the best epoch did
+        images, labels = datasets.load_images(run_cfg, "val")
+        scores, _ = evaluate.score(model, images, labels, 2, 16)
+        best = histories[cached].loc[histories[cached].val_loss.idxmin()]
+        assert scores["accuracy"] == pytest.approx(best.val_accuracy, abs=1e-6)
     np.testing.assert_allclose(histories[True].val_loss, histories[False].val_loss, rtol=2e-3)
     np.testing.assert_allclose(histories[True].loss, histories[False].loss, rtol=2e-3)
 
@@ -166,6 +181,7 @@ def test_evaluate_writes_metrics_plots_and_one_mlflow_run(pipeline):
         "curves.png",
         "confusion_matrix.png",
         "misclassified.png",
+        "reliability.png",
     }
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(results["evaluate"]["mlflow"]["run_id"])
