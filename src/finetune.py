@@ -31,6 +31,7 @@ def run(cfg: DictConfig) -> dict:
     model_dir = resolve_path(cfg.paths.models)
     history_path = resolve_path(cfg.paths.reports) / "finetune" / "history.csv"
     head_model = keras.saving.load_model(model_dir / "head.keras")
+    (model_dir / "temperature.json").unlink(missing_ok=True)  # fitted for an earlier final model
     ft = cfg.finetune
     if not is_pretrained(cfg):
         log.info("%s was trained from scratch in train_head: passing it on", cfg.model.name)

@@ -2,10 +2,13 @@
 
 Reads the tree that `download` points at (`<paths.raw>/source.json`): class subfolders,
 optionally under `train/ val/ test/` (also `validation/`, `valid/`, `testing/`), and for a
-flat test folder a CSV `path,label` (`dataset.test_labels_csv`, e.g. GTSRB's `Test.csv`).
+flat test folder a CSV `path,label` (`dataset.test_labels_csv`, e.g. GTSRB's `Test.csv`; `,`
+`;` tab or `|` between the columns). GTSRB as published is read too: `Final_Training/Images/
+000NN/` as classes "0", "1", ... and `Final_Test/Images/` labelled by `GT-final_test.csv`.
 Splits the source lacks are carved out with a fixed seed, stratified by class. The classes are
 those of the training split; a val/test label it lacks is an error (`dataset.unknown_labels`).
-Hidden files and folders (names starting with `.`) are ignored at every depth.
+Symlinked folders and files are followed (a link to a folder it lies in is reported and not
+followed); hidden files and folders (names starting with `.`) are ignored at every depth.
 
 Writes to `<paths.prepared>/`: `images_<split>.npy` (N x S x S x 3 uint8, memory-mappable),
 `labels_<split>.npy`, `classes.json`, `manifest.csv`, `counts.csv`, `skipped.csv` (unreadable
@@ -24,6 +27,7 @@ import os
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from src import cache, stage
 from src.config import resolve_path
+from src.download import list_folder, walk_files
 from src.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,10 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+CSV_DELIMITERS = ",;\t|"
+PATH_COLUMNS = ("path", "filename", "file")
+LABEL_COLUMNS = ("label", "classid", "class")
+GTSRB_TEST_CSV = "GT-final_test.csv"  # the official test ground truth: Filename;...;ClassId
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 JPEG_FORMATS = ("JPEG", "MPO")  # decoded by libjpeg, which can scale down while decoding
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -116,20 +125,22 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
-        key=lambda d: natural_key(d.name),
-    )
+def _listing(folder: Path, above: frozenset[str]) -> tuple[list[Path], list[Path]]:
+    """The visible files and subfolders of `folder`, subfolders in natural order, symlinks
+    followed, loops left out (`above`: real paths of the folders `folder` lies in)."""
+    files, folders = list_folder(folder, above)
+    return files, sorted(folders, key=lambda d: natural_key(d.name))
 
 
-def _images_below(folder: Path) -> list[Path]:
-    """Image files in `folder` and its subfolders, never entering hidden folders."""
-    files = []
-    for parent, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [p for p in (Path(parent) / n for n in names) if _is_image(p)]
+def _images_below(folder: Path, above: frozenset[str]) -> list[Path]:
+    """Image files in `folder` and its subfolders, symlinks followed, hidden names skipped."""
+    files = [p for p in walk_files(folder, above) if _is_image(p)]
     return sorted(files, key=lambda p: (natural_key(p.name), str(p)))
+
+
+def _inside(above: frozenset[str], folder: Path) -> frozenset[str]:
+    """`above` and the real path of `folder`: the folders a subfolder of `folder` lies in."""
+    return above | {os.path.realpath(folder)}
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -162,21 +173,33 @@ class Scan:
     empty_folders: list[Path] = field(default_factory=list)
 
 
-def _read_labels_csv(csv_path: Path, root: Path, scan: Scan) -> list[Item]:
-    """(class, image path) pairs from a CSV whose columns include a path and a label.
+def _delimiter(header: str) -> str:
+    """The delimiter of a label CSV, sniffed from its header line among `, ; tab |` (else a comma)."""
+    try:
+        return csv.Sniffer().sniff(header, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def _read_labels_csv(csv_path: Path, bases: tuple[Path, ...], scan: Scan) -> list[Item]:
+    """(class, image path) pairs from a CSV whose columns include a path and a label, found by
+    header name (path/filename/file, label/classid/class; else the first two), with `,` `;`
+    tab or `|` between them. A path is taken relative to the first of `bases` where it exists.
 
     A row repeating an earlier one is reported and kept once; the same image with two labels
     is an error naming the lines."""
     if not csv_path.is_file():
         raise StageError(f"dataset.test_labels_csv: {csv_path} does not exist")
     scan.csv_file = csv_path
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        delimiter = _delimiter(f.readline())
+        f.seek(0)
+        reader = csv.reader(f, delimiter=delimiter)
         header = [h.strip().lower() for h in next(reader, [])]
         if not header:
             raise StageError(f"dataset.test_labels_csv: {csv_path} is empty (expected a header path,label)")
-        path_col = next((i for i, h in enumerate(header) if h in ("path", "filename", "file")), 0)
-        label_col = next((i for i, h in enumerate(header) if h in ("label", "classid", "class")), 1)
+        path_col = next((i for i, h in enumerate(header) if h in PATH_COLUMNS), 0)
+        label_col = next((i for i, h in enumerate(header) if h in LABEL_COLUMNS), 1)
         pairs: list[Item] = []
         seen: dict[str, tuple[str, int]] = {}
         conflicts = []
@@ -187,7 +210,8 @@ def _read_labels_csv(csv_path: Path, root: Path, scan: Scan) -> list[Item]:
             if len(row) <= max(path_col, label_col):
                 raise StageError(f"{csv_path} line {line}: expected a path and a label, got {row!r}")
             rel, label = row[path_col].strip(), row[label_col].strip()
-            image = root / rel if (root / rel).exists() else csv_path.parent / rel
+            candidates = [base / rel for base in bases]
+            image = next((c for c in candidates if c.exists()), candidates[-1])
             key = os.path.normpath(image)
             if key in seen:
                 first_label, first_line = seen[key]
@@ -209,33 +233,107 @@ def _read_labels_csv(csv_path: Path, root: Path, scan: Scan) -> list[Item]:
     return pairs
 
 
-def _scan_class_dirs(split: str | None, folder: Path, scan: Scan) -> None:
-    """Add the images of each class folder under `folder`; note the class folders without any."""
-    for class_dir in _class_dirs(folder):
-        images = _images_below(class_dir)
+def _scan_class_dirs(
+    split: str | None,
+    class_dirs: list[Path],
+    above: frozenset[str],
+    scan: Scan,
+    name: Callable[[str], str] = str,
+) -> None:
+    """Add the images of each class folder (named `name(folder name)`); note those without any.
+    `above`: real paths of the folders the class folders lie in."""
+    for class_dir in class_dirs:
+        images = _images_below(class_dir, above)
         if not images:
             scan.empty_folders.append(class_dir)
-        scan.found[split] += [(class_dir.name, p) for p in images]
+        scan.found[split] += [(name(class_dir.name), p) for p in images]
 
 
-def scan_source(root: Path, labels_csv: str | None) -> Scan:
-    """Find (class, path) pairs per split, skipping hidden files and folders at every depth."""
-    if not root.is_dir():
-        raise StageError(f"dataset root {root} does not exist: rerun the download stage")
-    split_dirs: dict[str | None, Path] = {
-        SPLIT_ALIASES[d.name.lower()]: d for d in _class_dirs(root) if d.name.lower() in SPLIT_ALIASES
-    }
+def gtsrb_class(name: str) -> str:
+    """GTSRB's class folder `00042` (or ClassId `42`) as the class name "42", the name the
+    `train/<ClassId>/` trees use."""
+    return str(int(name)) if name.isascii() and name.isdigit() else name
+
+
+def official_gtsrb(root: Path) -> Path | None:
+    """The folder holding GTSRB's `Final_Training/Images/` (`root` or `root/GTSRB`), if any."""
+    return next((b for b in (root, root / "GTSRB") if (b / "Final_Training" / "Images").is_dir()), None)
+
+
+def _gtsrb_test_csv(root: Path, base: Path, test_dir: Path, labels_csv: str | None) -> Path:
+    """The CSV labelling `Final_Test/Images/`: `dataset.test_labels_csv` where it exists, else
+    `GT-final_test.csv` beside the images, in the GTSRB folder or at the root."""
+    places = [root / labels_csv] if labels_csv else []
+    places += [folder / GTSRB_TEST_CSV for folder in dict.fromkeys((test_dir, base, root))]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        raise StageError(
+            f"{test_dir} holds images but no labels: none of {', '.join(map(str, places))} exists. "
+            f"Put {GTSRB_TEST_CSV} (from GTSRB_Final_Test_GT.zip) beside the images, or set "
+            "dataset.test_labels_csv to a CSV (path,label) that labels them"
+        )
+    return found
+
+
+def _scan_gtsrb(root: Path, base: Path, labels_csv: str | None) -> Scan:
+    """GTSRB as published: `Final_Training/Images/000NN/*.ppm` is the training split (classes
+    "0", "1", ...; the per-class `GT-000NN.csv` files are not images), `Final_Test/Images/*.ppm`
+    labelled by `GT-final_test.csv` the test split."""
+    train_dir, test_dir = base / "Final_Training" / "Images", base / "Final_Test" / "Images"
+    scan = Scan(found=defaultdict(list), split_dirs={"train": train_dir})
+    above = frozenset(os.path.realpath(p) for p in (root, base, train_dir.parent))
+    _scan_class_dirs("train", _listing(train_dir, above)[1], _inside(above, train_dir), scan, gtsrb_class)
+    above = frozenset(os.path.realpath(p) for p in (root, base, test_dir.parent))
+    if test_dir.is_dir() and any(_is_image(p) for p in list_folder(test_dir, above)[0]):
+        csv_path = _gtsrb_test_csv(root, base, test_dir, labels_csv)
+        log.info("GTSRB layout under %s: test labels from %s", base, csv_path)
+        scan.split_dirs["test"] = test_dir
+        pairs = _read_labels_csv(csv_path, (root, test_dir), scan)
+        scan.found["test"] = [(gtsrb_class(label), path) for label, path in pairs]
+    return scan
+
+
+def _scan_splits(
+    root: Path,
+    listing: tuple[list[Path], list[Path]],
+    split_dirs: dict[str | None, Path],
+    labels_csv: str | None,
+) -> Scan:
+    """Class folders under each split folder (or under `root`, whose files and folders are
+    `listing`), a flat test folder by its CSV."""
     scan = Scan(found=defaultdict(list), split_dirs=split_dirs or {None: root})
+    at_root = _inside(frozenset(), root)
     for split, folder in scan.split_dirs.items():
-        if _class_dirs(folder):
-            _scan_class_dirs(split, folder, scan)
+        above = frozenset() if split is None else at_root
+        files, class_dirs = listing if split is None else _listing(folder, above)
+        if class_dirs:
+            _scan_class_dirs(split, class_dirs, _inside(above, folder), scan)
         elif split == "test" and labels_csv:
-            scan.found[split] = _read_labels_csv(root / labels_csv, root, scan)
-        elif any(_is_image(p) for p in folder.iterdir()):
+            csv_path = root / labels_csv
+            scan.found[split] = _read_labels_csv(csv_path, (root, csv_path.parent), scan)
+        elif any(_is_image(p) for p in files):
             raise StageError(
                 f"{folder} holds images but no class subfolders: "
                 "set dataset.test_labels_csv to a CSV (path,label) that labels them"
             )
+    return scan
+
+
+def scan_source(root: Path, labels_csv: str | None) -> Scan:
+    """Find (class, path) pairs per split, following symlinks and skipping hidden files and
+    folders at every depth. A tree with GTSRB's `Final_Training/Images/` (and no split
+    folders) is read as GTSRB's official layout."""
+    if not root.is_dir():
+        raise StageError(f"dataset root {root} does not exist: rerun the download stage")
+    listing = _listing(root, frozenset())
+    split_dirs: dict[str | None, Path] = {
+        SPLIT_ALIASES[d.name.lower()]: d for d in listing[1] if d.name.lower() in SPLIT_ALIASES
+    }
+    gtsrb = None if split_dirs else official_gtsrb(root)
+    if gtsrb is not None:
+        scan = _scan_gtsrb(root, gtsrb, labels_csv)
+    else:
+        scan = _scan_splits(root, listing, split_dirs, labels_csv)
     if not any(scan.found.values()):
         raise StageError(
             f"no images found under {root}: expected class subfolders, optionally under train/ val/ test/"
