@@ -85,13 +85,14 @@ def run_preset(preset: str, folder: Path, weights: str | None, work: Path, extra
         *extra,
     ]
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "src.train", *overrides], cwd=REPO, capture_output=True, text=True
-    )
+    log = work / "log.txt"  # the run's own output, written as it goes
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "src.train", *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
     wall = time.perf_counter() - start
-    (work / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        tail = log.read_text().strip().splitlines()[-3:]
         return {"error": " | ".join(tail), "wall": wall}
     reports = work / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
