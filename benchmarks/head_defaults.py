@@ -1,0 +1,142 @@
+"""Benchmark: which dense-head settings do well on folders nobody tuned for.
+
+    python benchmarks/head_defaults.py [--size 180] [--work DIR] [--variants current,gap_adam]
+
+`dataset=folder` with its defaults is what a user with a folder of photos runs. This script
+prepares and extracts each shared dataset once as such a folder (VGG16 ImageNet features at
+`--size` px, the default `dataset.split`), plus small random subsets of them, then trains each
+head variant on the cached features and scores it on the held-out test split (head only, as the
+train_head stage keeps its best val_loss epoch). Prints one table of test accuracies, the
+best epoch of each run, and each variant's mean and worst accuracy across the datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("TL_SHARED_DIR", REPO.parent / "shared")).resolve()
+WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
+
+# name -> (folder, extra dataset overrides)
+DATASETS = {
+    "cats_vs_dogs": (SHARED / "data" / "cats_vs_dogs", []),
+    "cats_vs_dogs_100": (SHARED / "data" / "cats_vs_dogs", ["dataset.limit_per_class.train=100"]),
+    "gtsrb_40": (SHARED / "data" / "gtsrb_40", ["dataset.test_labels_csv=Test.csv"]),
+    "cifar10_small": (SHARED / "data" / "cifar10_small", []),
+    "cifar10_50": (SHARED / "data" / "cifar10_small", ["dataset.limit_per_class.train=50"]),
+}
+
+
+def head(pooling: str, units: str, dropout: float, optimizer: str, lr: float, epochs: int) -> list[str]:
+    return [
+        f"head.pooling={pooling}",
+        f"head.units={units}",
+        f"head.dropout={dropout}",
+        f"head.optimizer={optimizer}",
+        f"head.learning_rate={lr}",
+        f"head.epochs={epochs}",
+    ]
+
+
+# name -> head overrides; `current` is conf/head/dense.yaml as it stood before this benchmark
+VARIANTS = {
+    "current": head("flatten", "[256]", 0.5, "rmsprop", 1e-3, 20),
+    "flatten_lr1e-4": head("flatten", "[256]", 0.5, "rmsprop", 1e-4, 30),
+    "gap_rmsprop": head("avg", "[256]", 0.5, "rmsprop", 1e-3, 30),
+    "gap_adam": head("avg", "[256]", 0.5, "adam", 1e-3, 30),
+    "gap_linear": head("avg", "[]", 0.0, "adam", 1e-3, 40),
+}
+
+
+def features_for(name: str, work: Path, size: int):
+    """The config of dataset `name` prepared and extracted under `work/name` (once)."""
+    from src import download, extract, prepare, stage
+    from src.config import compose, validate
+
+    folder, extra = DATASETS[name]
+    out = work / name
+    cfg = validate(
+        compose(
+            [
+                "dataset=folder",
+                f"dataset.path={folder}",
+                f"dataset.image_size={size}",
+                f"model.weights={WEIGHTS}",
+                "tracking.enabled=false",
+                *[
+                    f"paths.{k}={out / k}"
+                    for k in ("raw", "downloads", "prepared", "features", "models", "reports")
+                ],
+                f"paths.cache={work / 'cache'}",
+                *extra,
+            ]
+        )
+    )
+    if not (out / "features" / "info.json").is_file():
+        for step in (download.run, prepare.run, extract.run):
+            stage.timed_run(step.__module__.rsplit(".", 1)[1], step, cfg)
+    return cfg
+
+
+def score_head(cfg, variant: list[str]) -> tuple[float, int]:
+    """Train the head with `variant` on the cached features; (test accuracy, best epoch)."""
+    import keras
+    from omegaconf import OmegaConf
+
+    from src import datasets, evaluate, train_head
+    from src.config import validate
+
+    run_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(variant))
+    validate(run_cfg)
+    result = train_head.run(run_cfg)
+    model = keras.saving.load_model(Path(run_cfg.paths.models) / "head.keras")
+    x, y = datasets.load_features(run_cfg, "test")
+    scores, _ = evaluate.score(model, x, y, len(datasets.load_classes(run_cfg)), 64)
+    return scores["accuracy"], result["best"]["epoch"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=int, default=180, help="image size (the folder default is 180)")
+    parser.add_argument("--work", type=Path, help="keep prepared data and features here, for reruns")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    names, variants = args.datasets.split(","), args.variants.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        results: dict[tuple[str, str], tuple[float, int]] = {}
+        for name in names:
+            start = time.perf_counter()
+            cfg = features_for(name, work, args.size)
+            print(f"{name}: features ready in {time.perf_counter() - start:.0f} s", flush=True)
+            for variant in variants:
+                results[(name, variant)] = score_head(cfg, VARIANTS[variant])
+                acc, epoch = results[(name, variant)]
+                print(f"  {variant}: test {100 * acc:.2f}% (best epoch {epoch})", flush=True)
+    print(f"\nhead-only test accuracy, VGG16 features at {args.size} px, dataset=folder defaults\n")
+    print("| variant | " + " | ".join(names) + " | mean | worst |")
+    print("|---|" + "---:|" * (len(names) + 2))
+    for variant in variants:
+        accs = [results[(n, variant)][0] for n in names]
+        cells = [f"{100 * a:.1f}% (ep {results[(n, variant)][1]})" for n, a in zip(names, accs)]
+        print(
+            f"| {variant} | "
+            + " | ".join(cells)
+            + f" | {100 * np.mean(accs):.1f}% | {100 * min(accs):.1f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()
