@@ -103,9 +103,8 @@ def main() -> None:
     fast = statistics.median(r[0] for r in runs[True])
     setup_cost = statistics.median(r[1] for r in runs[True]) - statistics.median(r[1] for r in runs[False])
     gap = max(float(np.max(np.abs(a[2] - b[2]) / np.abs(b[2]))) for a, b in zip(runs[True], runs[False]))
-    print(
-        f"\nfine-tune epoch with augmentation, VGG16 block 5, {args.size} px, {args.train} train / {args.val} val"
-    )
+    sizes = f"{args.size} px, {args.train} train / {args.val} val images"
+    print(f"\nfine-tune epoch with augmentation, VGG16 block 5, {sizes}")
     print(f"{os.cpu_count()} CPUs, medians of {args.pairs} runs each\n")
     print("| validation | epoch s | ratio |")
     print("|---|---:|---:|")
