@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from src.config import ConfigError, load_params, resolve_path
+from src.download import walk_files
 from src.prepare import IMAGE_SUFFIXES, load_rgb, natural_key
 
 TEMPERATURE_FILE = "temperature.json"  # written beside final.keras by the evaluate stage
@@ -44,18 +45,12 @@ class ModelError(Exception):
 
 
 def image_files(target: Path) -> list[Path]:
-    """The image itself, or the images under a folder (recursively, in natural order), leaving
-    out hidden files and folders and files without an image suffix."""
+    """The image itself, or the images under a folder (recursively, in natural order, symlinks
+    followed), leaving out hidden files and folders and files without an image suffix."""
     if target.is_file():
         return [target]
     if target.is_dir():
-        files = [
-            p
-            for p in target.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(target).parts)
-        ]
+        files = [p for p in walk_files(target) if p.suffix.lower() in IMAGE_SUFFIXES]
         return sorted(files, key=lambda p: natural_key(str(p.relative_to(target))))
     raise FileNotFoundError(f"{target} is neither an image nor a folder")
 
