@@ -307,7 +307,7 @@ def run(cfg: DictConfig) -> dict:
     final_model = keras.saving.load_model(model_dir / "final.keras")
     test, probs = score(final_model, images, y, n, cfg.train.batch_size)
     metrics = {"test": test}
-    if is_pretrained(cfg):
+    if is_pretrained(cfg) and cfg.head.epochs > 0:  # an untrained head's score says nothing
         head_model = keras.saving.load_model(model_dir / "head.keras")
         metrics["head_test"], _ = score(head_model, features, y_feat, n, cfg.train.batch_size)
     predicted = probs.argmax(axis=1)

@@ -46,8 +46,12 @@ def run(cfg: DictConfig) -> dict:
     unfrozen = models.unfreeze_top(base, ft.layers)
     epochs = ft.epochs if ft.layers > 0 else 0
     log.info("unfrozen layers (%d): %s", len(unfrozen), ", ".join(unfrozen) or "none")
+    n_train = len(datasets.load_images(cfg, "train")[1])
+    steps = models.decay_steps(ft.schedule, epochs, n_train, ft.batch_size)
     # Recompile after changing `trainable`, so the change takes effect.
-    models.compile_model(model, len(classes), ft.optimizer, ft.learning_rate, jit_compile=xla)
+    models.compile_model(
+        model, len(classes), ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=steps
+    )
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
     summary = {
         "unfrozen": unfrozen,
@@ -72,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
         return {**result, **summary}
     augmented = models.augmentation(cfg.augment, cfg.seed) is not None
     result = _fit_from_boundary(
-        cfg, split, head_model, model, model_dir, history_path, len(classes), xla, augmented
+        cfg, split, head_model, model, model_dir, history_path, len(classes), xla, augmented, steps
     )
     return {**result, **summary, "cached_activations": not augmented, "cached_validation": True}
 
@@ -87,6 +91,7 @@ def _fit_from_boundary(
     n_classes: int,
     xla: bool,
     augmented: bool,
+    decay_steps: int,
 ) -> dict:
     """The frozen bottom gives the same activations every epoch for images that are not
     augmented: compute them once and run only the unfrozen top and the head on them. Without
@@ -109,7 +114,9 @@ def _fit_from_boundary(
         log.info("cached activations at the freeze boundary %s (%s)", shape[1:], ", ".join(data))
         inputs = keras.Input(shape=shape[1:], name="boundary_activations")
         top_and_head = keras.Model(inputs, head_model(top(inputs, training=False)), name="top_and_head")
-        models.compile_model(top_and_head, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla)
+        models.compile_model(
+            top_and_head, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=decay_steps
+        )
         x_val, y_val = data["val"]
         val_data = datasets.batches(x_val, y_val, ft.batch_size)
         if augmented:  # `model` trains on images; `top_and_head` shares its weights and validates

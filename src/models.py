@@ -37,19 +37,33 @@ def probabilities(raw: np.ndarray) -> np.ndarray:
     return raw
 
 
-def optimizer(name: str, learning_rate: float):
+def optimizer(name: str, learning_rate: float, decay_steps: int = 0):
+    """A Keras optimizer; with `decay_steps`, its learning rate follows a cosine from
+    `learning_rate` down to 0 over that many steps."""
     keras = _keras()
+    rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
     return {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[
         name
-    ](learning_rate=learning_rate)
+    ](learning_rate=rate)
+
+
+def decay_steps(schedule: str, epochs: int, examples: int, batch_size: int) -> int:
+    """Optimizer steps for the learning-rate schedule: all steps of `epochs` epochs for
+    "cosine", 0 (a constant rate) for "constant"."""
+    return epochs * -(-examples // batch_size) if schedule == "cosine" else 0
 
 
 def compile_model(
-    model, n_classes: int, optimizer_name: str, learning_rate: float, jit_compile: bool = False
+    model,
+    n_classes: int,
+    optimizer_name: str,
+    learning_rate: float,
+    jit_compile: bool = False,
+    decay_steps: int = 0,
 ) -> None:
     _, _, loss = output_spec(n_classes)
     model.compile(
-        optimizer=optimizer(optimizer_name, learning_rate),
+        optimizer=optimizer(optimizer_name, learning_rate, decay_steps),
         loss=loss,
         metrics=["accuracy"],
         jit_compile=jit_compile,

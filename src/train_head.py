@@ -38,7 +38,10 @@ def run(cfg: DictConfig) -> dict:
             cfg.model, h, cfg.augment, cfg.dataset.image_size, len(classes), cfg.seed
         )
     xla = precision.use_xla(cfg.train.jit_compile)
-    models.compile_model(model, len(classes), h.optimizer, h.learning_rate, jit_compile=xla)
+    steps = models.decay_steps(h.schedule, h.epochs, len(x_train), h.batch_size)
+    models.compile_model(
+        model, len(classes), h.optimizer, h.learning_rate, jit_compile=xla, decay_steps=steps
+    )
     train_data = datasets.batches(x_train, y_train, h.batch_size, shuffle=True, seed=cfg.seed)
     val_data = datasets.batches(x_val, y_val, h.batch_size)
     model_dir = resolve_path(cfg.paths.models)

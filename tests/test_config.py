@@ -61,6 +61,7 @@ def test_presets_encode_their_recipes():
         ("model.weights=/no/such.weights.h5", "model.weights", "imagenet"),
         ("head.optimizer=adagrad", "head.optimizer", "rmsprop"),
         ("head.activation=swish", "head.activation", "relu"),
+        ("finetune.schedule=step", "finetune.schedule", "cosine"),
     ],
 )
 def test_bad_values_are_refused_naming_key_value_and_allowed(override, key, hint):

@@ -162,6 +162,26 @@ def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeli
     np.testing.assert_allclose(histories[True].loss, histories[False].loss, rtol=2e-3)
 
 
+def test_cosine_schedule_decays_the_learning_rate_to_zero_over_all_epochs():
+    import keras
+
+    from src import models
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    steps = models.decay_steps("cosine", 2, len(x), 4)
+    assert steps == 6 and models.decay_steps("constant", 2, len(x), 4) == 0
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
+    models.compile_model(model, 2, "adam", 1e-2, decay_steps=steps)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-2)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)  # 3 of 6 steps: half way down the cosine
+    assert float(model.optimizer.learning_rate) == pytest.approx(5e-3, rel=1e-4)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_evaluate_writes_metrics_plots_and_one_mlflow_run(pipeline):
     from mlflow import MlflowClient
 
