@@ -45,7 +45,9 @@ def test_probabilities(work: Path) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train", type=int, default=400, help="training images (0: all)")
     parser.add_argument("--val", type=int, default=100)
     parser.add_argument("--test", type=int, default=100)
@@ -98,7 +100,10 @@ def main() -> None:
         "the extract stage's time in the same run"
     )
     for i, (same, diff, n) in enumerate(agree, 1):
-        print(f"pair {i}: same predicted class for {100 * same:.1f}% of {n} test images, largest probability difference {diff:.2e}")
+        print(
+            f"pair {i}: same predicted class for {100 * same:.1f}% of {n} test images, "
+            f"largest probability difference {diff:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def optimizer(name: str, learning_rate: float, decay_steps: int = 0):
     """A Keras optimizer; with `decay_steps`, its learning rate follows a cosine from
     `learning_rate` down to 0 over that many steps."""
     keras = _keras()
-    rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
+    rate = (
+        keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
+    )
     return {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[
         name
     ](learning_rate=rate)
