@@ -37,7 +37,7 @@ def test_probabilities(work: Path) -> np.ndarray:
 
     from src import datasets, models
 
-    prepared = next((work / "cache" / "prepare").iterdir())
+    prepared = next(p for p in (work / "cache" / "prepare").iterdir() if p.is_dir())  # beside lock files
     images, _ = datasets.load_split(prepared, "images", "test")
     model = keras.saving.load_model(work / "models" / "final.keras")
     raw = model.predict(datasets.batches(images, None, 32), verbose=0)
