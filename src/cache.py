@@ -1,7 +1,8 @@
 """Content-addressed reuse of prepared data and extracted features across runs and sweep jobs.
 
 A stage output is identified by a key: the sha256 of everything that determines it (the config
-subtree the stage reads, the fingerprint of its input, the source of the code that makes it).
+subtree the stage reads, the fingerprint of its input, the source of the code that makes it: the
+stage module and every `src` module it imports, as `src.codedeps` finds them).
 `prepare` and `extract` record their key in `info.json`. Before running one of them, a job looks
 for an output with the same key, first where `dvc repro` leaves it (`paths.prepared`,
 `paths.features`), then under `<paths.cache>/<stage>/<key>/`, and reuses it; otherwise it builds
@@ -20,16 +21,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src import hashing, precision
+from src import codedeps, hashing, precision
 from src.config import REPO_ROOT, resolve_input, resolve_path
 
 log = logging.getLogger(__name__)
 
-# stage -> (the paths key of its output, the code that determines it)
-CACHED_STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "prepare": ("prepared", ("src/prepare.py",)),
-    "extract": ("features", ("src/extract.py", "src/models.py")),
-}
+# stage -> the paths key of its output
+CACHED_STAGES: dict[str, str] = {"prepare": "prepared", "extract": "features"}
 
 
 def _digest(*parts: object) -> str:
@@ -40,8 +38,12 @@ def _digest(*parts: object) -> str:
     return h.hexdigest()[:20]
 
 
-def _code(files: tuple[str, ...]) -> list[str]:
-    return [hashlib.sha256((REPO_ROOT / f).read_bytes()).hexdigest() for f in files]
+def _code(stage: str) -> dict[str, str]:
+    """The sha256 of each source file that `python -m src.<stage>` runs."""
+    return {
+        f: hashlib.sha256((REPO_ROOT / f).read_bytes()).hexdigest()
+        for f in codedeps.code_deps(f"src.{stage}")
+    }
 
 
 def _read_info(folder: Path) -> dict:
@@ -53,12 +55,11 @@ def _read_info(folder: Path) -> dict:
 
 def stage_key(cfg: DictConfig, stage: str) -> str:
     """The key of the output `stage` would produce for `cfg`, given its inputs on disk."""
-    _, code = CACHED_STAGES[stage]
     if stage == "prepare":
         source = json.loads((resolve_path(cfg.paths.raw) / "source.json").read_text())
         dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
         dataset.pop("path", None)  # where the files are does not matter, what they are does
-        return _digest("prepare", dataset, source.get("fingerprint"), _code(code))
+        return _digest("prepare", dataset, source.get("fingerprint"), _code(stage))
     if stage == "extract":
         upstream = _read_info(resolve_path(cfg.paths.prepared)).get("cache_key")
         model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -66,13 +67,13 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
         if weights not in (None, "imagenet"):  # the file's content, not its name
             model["weights"] = hashing.file_digest(resolve_input(weights), hashing.store(cfg))
         policy = precision.resolve(cfg.train.precision)
-        return _digest("extract", model, cfg.dataset.image_size, policy, upstream, _code(code))
+        return _digest("extract", model, cfg.dataset.image_size, policy, upstream, _code(stage))
     raise KeyError(stage)
 
 
 def find(cfg: DictConfig, stage: str, key: str) -> Path | None:
     """An existing output of `stage` with this key: the DVC output first, then the cache."""
-    out_key, _ = CACHED_STAGES[stage]
+    out_key = CACHED_STAGES[stage]
     for folder in (resolve_path(cfg.paths[out_key]), resolve_path(cfg.paths.cache) / stage / key):
         if _read_info(folder).get("cache_key") == key:
             return folder
@@ -96,7 +97,7 @@ def reuse_or_run(cfg: DictConfig, stage: str, run: Callable[[DictConfig], dict])
 
     Returns the stage's info with `reused` (bool) and `cache_key` set.
     """
-    out_key, _ = CACHED_STAGES[stage]
+    out_key = CACHED_STAGES[stage]
     key = stage_key(cfg, stage)
     found = find(cfg, stage, key)
     if found is None:

@@ -242,8 +242,13 @@ def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_p
 
     Batches are read from the file behind a memory-mapped array with plain reads and the
     output is appended to the file, so neither stays mapped into the process: its memory
-    does not grow with the dataset."""
+    does not grow with the dataset. Where stdout is not a terminal, a progress line is logged
+    every so often (`src.progress`)."""
+    from pathlib import Path
+
     import tensorflow as tf
+
+    from src import progress
 
     @tf.function(reduce_retracing=True)
     def forward(x):
@@ -256,6 +261,7 @@ def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_p
         lambda: datasets.read_batches(images, batch_size), output_signature=spec
     )
     written = 0
+    counter = progress.Progress(Path(out_path).name, len(images), "images")
     with open(out_path, "wb") as out:
         header = {
             "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
@@ -267,6 +273,7 @@ def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_p
             features = forward(batch).numpy()
             out.write(np.ascontiguousarray(features, dtype=np.float32).tobytes())
             written += len(features)
+            counter.update(len(features))
     if written != len(images):
         raise RuntimeError(f"{out_path}: wrote {written} rows for {len(images)} images")
     return shape

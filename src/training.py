@@ -1,5 +1,6 @@
 """Fitting shared by `train_head` and `finetune`: checkpoint on the best val_loss, restore it,
-save the model atomically and write the per-epoch history as CSV (for `dvc plots`)."""
+save the model atomically and write the per-epoch history as CSV (for `dvc plots`). Where
+stdout is not a terminal, progress lines within each epoch are logged (`src.progress`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from src import stage
+from src import progress, stage
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
@@ -91,11 +92,12 @@ def fit_best(
                 checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True
             )
             timer = _epoch_timer(keras)
+            batches = progress.keras_callback(validation_steps=progress.batch_count(val_data))
             history = model.fit(
                 train_data,
                 validation_data=val_data,
                 epochs=epochs,
-                callbacks=[c for c in (validation, callback, timer) if c is not None],
+                callbacks=[c for c in (validation, callback, timer, batches) if c is not None],
                 shuffle=False,
                 verbose=2,
             )  # batches arrive shuffled already
