@@ -83,3 +83,20 @@ def test_code_deps_follows_every_import_form_of_the_package_only(tmp_path):
     ]
     with pytest.raises(FileNotFoundError):
         code_deps("src.nowhere", pkg)
+
+
+def _names(entries: list) -> set[str]:
+    """The file names of a dvc.yaml list of outs/plots/metrics (plain or with options)."""
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+
+def test_each_plot_file_is_declared_once_and_timings_are_no_metric():
+    """A file declared both as a stage's plot and in the top-level `plots` renders twice (once
+    with every column, `seconds` included); wall times belong in their own out."""
+    document = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    stage_plots = set().union(*(_names(s.get("plots", [])) for s in STAGES.values()))
+    top_level = {f for plot in document.get("plots", []) for spec in plot.values() for f in spec["y"]}
+    assert top_level and not (stage_plots & top_level), f"declared twice: {sorted(stage_plots & top_level)}"
+    metrics = set().union(*(_names(s.get("metrics", [])) for s in STAGES.values()))
+    assert metrics == {"${paths.reports}/metrics.json"}
+    assert "${paths.reports}/timings.json" in _names(STAGES["evaluate"]["outs"])
