@@ -2,12 +2,14 @@
 
     python -m src.predict path/to/image.jpg
     python -m src.predict path/to/folder --model models/final.keras
-    python -m src.predict photo.png --model models:/image-classifier/1
+    python -m src.predict photo.png --model models:/image-classifier@champion
 
 `--model` is a `.keras` file (default: the pipeline's final model; class names from the
 `classes.json` beside it) or an MLflow model URI (`runs:/<id>/model`,
-`models:/<name>/<version>`, classes from the model's metadata), resolved against the
-tracking store configured in params.yaml.
+`models:/<name>/<version>`, `models:/<name>@<alias>`; classes from the model's metadata),
+resolved against the tracking store configured in params.yaml. Of an MLflow model the Keras
+network is loaded: its `keras` flavor (what `src.tracking` logs and registers), or the
+`tensorflow` flavor of models registered before that.
 
 When the evaluate stage fitted a temperature (`evaluate.temperature_scaling`), the
 probabilities are calibrated with it: from the `temperature.json` beside a `.keras` file, or,
@@ -61,7 +63,9 @@ def _first_sentence(err: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _load_keras_file(spec: str | None) -> tuple[object, list[str]]:
+def load_keras_file(spec: str | None) -> tuple[object, list[str]]:
+    """(Keras model, class names) from a .keras file and the `classes.json` beside it (None: the
+    pipeline's final model); a ModelError when either is missing or unreadable."""
     path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
     name = f"--model {spec}" if spec else f"the default model {path}"
     if not path.is_file():
@@ -92,9 +96,9 @@ def _checked_temperature(value: object, where: str) -> float:
     return float(value)
 
 
-def _keras_file_temperature(spec: str | None) -> float | None:
-    path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
-    file = path.with_name(TEMPERATURE_FILE)
+def read_temperature_file(file: Path) -> float | None:
+    """The temperature in a `temperature.json` written by the evaluate stage, None when there is
+    no such file; a ModelError when it is not a temperature file."""
     if not file.is_file():
         return None
     try:
@@ -105,6 +109,11 @@ def _keras_file_temperature(spec: str | None) -> float | None:
             "as the evaluate stage writes it, or remove it to print uncalibrated probabilities"
         ) from None
     return _checked_temperature(value, str(file))
+
+
+def _keras_file_temperature(spec: str | None) -> float | None:
+    path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
+    return read_temperature_file(path.with_name(TEMPERATURE_FILE))
 
 
 def _mlflow_temperature(spec: str) -> float | None:
@@ -142,7 +151,8 @@ def _load_mlflow_model(spec: str) -> tuple[object, list[str]]:
     mlflow.set_tracking_uri(uri)
     try:
         info = mlflow.models.get_model_info(spec)
-        model = mlflow.tensorflow.load_model(spec)
+        flavor = mlflow.keras if "keras" in info.flavors else mlflow.tensorflow  # tensorflow: older models
+        model = flavor.load_model(spec)
     except (MlflowException, OSError) as err:
         raise ModelError(
             f"--model {spec}: cannot be loaded from the MLflow store {uri} ({_first_sentence(err)}); "
@@ -159,7 +169,7 @@ def load_model(spec: str | None) -> tuple[object, list[str]]:
     """(Keras model, class names) from a .keras path or an MLflow model URI; a ModelError
     (naming the argument and what to do) when it is missing or not a model."""
     if spec is None or ":/" not in spec:
-        return _load_keras_file(spec)
+        return load_keras_file(spec)
     return _load_mlflow_model(spec)
 
 
@@ -181,6 +191,16 @@ def read_images(files: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
     return [p for p, _ in good], images, bad
 
 
+def class_probabilities(model, images: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    """The (N, n_classes) probabilities `model` gives uint8 `images` (N, size, size, 3),
+    calibrated with `temperature` when one is given."""
+    from src.calibration import apply_temperature
+    from src.models import probabilities
+
+    probs = probabilities(model.predict(images.astype(np.float32), verbose=0))
+    return probs if temperature is None else apply_temperature(probs, temperature)
+
+
 def predict(
     model,
     classes: list[str],
@@ -189,12 +209,9 @@ def predict(
     skipped: list[tuple[Path, str]] | None = None,
     temperature: float | None = None,
 ) -> list[dict]:
-    """Class and probability for each readable image file, in order, the probability calibrated
-    with `temperature` when one is given (`load_temperature`). Unreadable files are left out and
-    appended to `skipped` as (path, reason)."""
-    from src.calibration import apply_temperature
-    from src.models import probabilities
-
+    """Class, its probability and every class's probability (`probabilities`, in class order)
+    for each readable image file, in order, calibrated with `temperature` when one is given
+    (`load_temperature`). Unreadable files are left out and appended to `skipped` as (path, reason)."""
     size = model.input_shape[1]
     results = []
     for start in range(0, len(files), batch_size):
@@ -203,12 +220,11 @@ def predict(
             skipped.extend(bad)
         if not paths:
             continue
-        probs = probabilities(model.predict(batch.astype(np.float32), verbose=0))
-        if temperature is not None:
-            probs = apply_temperature(probs, temperature)
-        for path, p in zip(paths, probs):
+        for path, p in zip(paths, class_probabilities(model, batch, temperature)):
             best = int(p.argmax())
-            results.append({"path": str(path), "class": classes[best], "probability": float(p[best])})
+            results.append(
+                {"path": str(path), "class": classes[best], "probability": float(p[best]), "probabilities": p}
+            )
     return results
 
 

@@ -1,5 +1,11 @@
 """MLflow tracking: where runs go, and logging one pipeline run (params, per-epoch curves,
-test metrics, artifacts, tags and the registered model).
+test metrics, artifacts, tags and the models).
+
+Each run logs the final Keras model twice: `keras_model`, the Keras 3 flavor with a signature
+and a uint8 input example, and `model`, the image classifier of `src.pyfunc_model` (paths or
+pixels in, class names and probabilities out), which is registered as `tracking.registered_model`.
+The new version gets the alias `champion` when no champion was trained on the same data (dataset
+fingerprint) or when its test accuracy beats the champion's; else `candidate`.
 
 Default store: SQLite at `<repo>/mlruns/mlflow.db` with artifacts under `<repo>/mlruns/artifacts`,
 no server needed, wherever the process was started. `MLFLOW_TRACKING_URI` or
@@ -32,6 +38,9 @@ STORE_DIR = project_root() / "mlruns"
 # Key characters every MLflow store takes: letters, digits, `_ - . /` (not all take spaces or colons).
 UNSAFE_KEY_CHARS = re.compile(r"[^\w./-]")
 MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param keys
+CHAMPION, CANDIDATE = "champion", "candidate"  # registered model aliases
+ACCURACY_KEY = "test.accuracy"  # the metric that decides the champion
+FINGERPRINT_TAG = "dataset_fingerprint"
 
 
 def default_uri() -> str:
@@ -139,6 +148,70 @@ def log_history(history_csv: Path, prefix: str, offset: int = 0) -> int:
     return len(frame)
 
 
+class KerasFlavor:
+    """`mlflow.keras` as a `Model.log` flavor that creates the model folder first: its
+    `save_model` writes the input example before it creates that folder."""
+
+    @staticmethod
+    def save_model(path: str, **kwargs) -> None:
+        import mlflow
+
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+# What the logged models import (TensorFlow, the `src` code they ship, its image decoding): given
+# with their installed versions, so MLflow does not infer them by loading the model (slow).
+MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "pandas", "pillow", "hydra-core", "tqdm")
+
+
+def model_requirements() -> list[str]:
+    """`name==version` of each of `MODEL_PACKAGES` installed here."""
+    from importlib import metadata
+
+    found = []
+    for name in MODEL_PACKAGES:
+        try:
+            found.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def assign_alias(name: str, version: str | int, fingerprint: str, accuracy: float | None) -> str:
+    """Give version `version` of registered model `name` the alias `champion` when the current
+    champion was trained on other data (another fingerprint, or its run is gone), there is none, or
+    `accuracy` beats its test accuracy; else `candidate`. Returns the alias set (and logs why)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    champion = client.get_registered_model(name).aliases.get(CHAMPION)
+    if champion is None:
+        alias, why = CHAMPION, "no champion yet"
+    else:
+        champion = client.get_model_version(name, champion)
+        theirs, data = None, "unknown"  # when the version has no run, or it was deleted for good
+        try:
+            if champion.run_id:
+                run = client.get_run(champion.run_id).data
+                theirs, data = run.metrics.get(ACCURACY_KEY), run.tags.get(FINGERPRINT_TAG)
+        except MlflowException:
+            pass
+        shown = "none" if theirs is None else f"{theirs:.4f}"
+        mine = "none" if accuracy is None else f"{accuracy:.4f}"
+        if data != fingerprint:
+            alias, why = CHAMPION, f"champion version {champion.version} was trained on other data ({data})"
+        elif accuracy is not None and (theirs is None or accuracy > theirs):
+            alias, why = CHAMPION, f"test accuracy {mine} beats champion version {champion.version}'s {shown}"
+        else:
+            alias = CANDIDATE
+            why = f"test accuracy {mine} does not beat champion version {champion.version}'s {shown}"
+    client.set_registered_model_alias(name, alias, str(version))
+    log.info("%s version %s is the %s: %s (data %s)", name, version, alias, why, fingerprint)
+    return alias
+
+
 def log_pipeline_run(
     cfg: DictConfig,
     *,
@@ -150,19 +223,25 @@ def log_pipeline_run(
     fingerprint: str,
     image_size: int,
 ) -> dict:
-    """Log one pipeline run to MLflow; return its run id, experiment id and model URI.
+    """Log one pipeline run to MLflow; return its run id, experiment id, model URIs and, when
+    `tracking.registered_model` is set, the registered version and the alias it got (see
+    `assign_alias`; `metrics["test.accuracy"]` decides).
+
+    The classifier takes the temperature from the `temperature.json` among `artifacts`, if any.
 
     Metric and param keys MLflow would refuse (class names with commas, brackets, ...) are
     logged under safe names (`safe_keys`); `metric_names.json` and `param_names.json` map
     each renamed key back to the original."""
     import mlflow
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    from src import predict, pyfunc_model
 
     experiment_id = use_store(cfg)
     tags = {
         "git_commit": git_commit(),
-        "dataset_fingerprint": fingerprint,
+        FINGERPRINT_TAG: fingerprint,
         "preset": cfg.preset,
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
@@ -195,23 +274,55 @@ def log_pipeline_run(
             elif path.is_file():
                 mlflow.log_artifact(str(path))
         mlflow.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+        temperature_file = next(
+            (p for p in artifacts if p.name == predict.TEMPERATURE_FILE and p.is_file()), None
+        )
+        metadata = {"classes": list(classes)}
+        if temperature_file is not None:
+            metadata["temperature"] = predict.read_temperature_file(temperature_file)
+        example = np.full((1, image_size, image_size, 3), 128, np.uint8)  # one mid-grey image
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, image_size, image_size, 3), "image")]),
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3))]),
             outputs=Schema(
                 [TensorSpec(np.dtype(np.float32), (-1, 1 if len(classes) == 2 else len(classes)))]
             ),
         )
-        info = mlflow.tensorflow.log_model(
-            model,
-            name="model",
+        keras_info = Model.log(
+            None,
+            name="keras_model",
+            flavor=KerasFlavor,
+            flavor_name="mlflow.keras",
+            metadata=metadata,
+            model=model,
             signature=signature,
-            registered_model_name=cfg.tracking.registered_model,
-            metadata={"classes": list(classes)},
+            input_example=example,
+            pip_requirements=model_requirements(),
         )
-        log.info("MLflow run %s in %s", run.info.run_id, tracking_uri(cfg))
-        return {
+        name = cfg.tracking.registered_model
+        info = Model.log(
+            None,
+            name="model",
+            flavor=pyfunc_model,
+            flavor_name="mlflow.pyfunc",
+            registered_model_name=name,
+            metadata=metadata,
+            keras_model=model,
+            classes=list(classes),
+            temperature_file=temperature_file,
+            signature=pyfunc_model.signature(list(classes)),
+            input_example=example,
+            pip_requirements=model_requirements(),
+        )
+        logged = {
             "run_id": run.info.run_id,
             "experiment_id": experiment_id,
             "model_uri": info.model_uri,
+            "keras_model_uri": keras_info.model_uri,
             "tracking_uri": tracking_uri(cfg),
         }
+        if name:
+            version = info.registered_model_version
+            logged["registered_version"] = str(version)
+            logged["alias"] = assign_alias(name, version, fingerprint, metrics.get(ACCURACY_KEY))
+        log.info("MLflow run %s in %s", run.info.run_id, tracking_uri(cfg))
+        return logged

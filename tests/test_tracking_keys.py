@@ -35,8 +35,9 @@ def tiny_model(n_classes: int):
 
 
 def scratch_cfg(tmp_path: Path, *overrides: str):
-    """The from-scratch model (no features) with every output and the MLflow store under tmp_path."""
-    return compose(
+    """The from-scratch model (no features) with every output and the MLflow store (with its
+    artifacts, rather than in the working directory's mlruns/) under tmp_path."""
+    cfg = compose(
         [
             "model=small_cnn",
             "model.weights=null",
@@ -48,6 +49,13 @@ def scratch_cfg(tmp_path: Path, *overrides: str):
             *overrides,
         ]
     )
+    if cfg.tracking.enabled:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        location = (tmp_path / "artifacts").as_uri()
+        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return cfg
 
 
 def write_prepared(cfg, classes: list[str], per_class: int) -> Path:
@@ -118,9 +126,12 @@ def test_log_pipeline_run_with_class_names_mlflow_refuses(tmp_path):
     assert set(back) <= set(run.data.metrics) and back["test.f1.dogs__big__2_"] == "test.f1.dogs, big (2)"
     assert artifact_json(client, run.info.run_id, "classes.json", tmp_path) == AWKWARD  # the real names
     assert "param_names.json" not in {a.path for a in client.list_artifacts(run.info.run_id)}
-    model = mlflow.tensorflow.load_model(logged["model_uri"])
+    model = mlflow.keras.load_model(logged["keras_model_uri"])
     assert model.input_shape == (None, SIZE, SIZE, 3)
     assert mlflow.models.get_model_info(logged["model_uri"]).metadata["classes"] == AWKWARD
+    frame = mlflow.pyfunc.load_model(logged["model_uri"]).predict(np.zeros((2, SIZE, SIZE, 3), np.uint8))
+    assert list(frame.columns) == ["class", "probability", *(f"p_{c}" for c in AWKWARD)]  # the real names
+    assert set(frame["class"]) <= set(AWKWARD)
     assert client.search_registered_models() == []  # registered_model null: logged, not registered
 
 

@@ -1,0 +1,146 @@
+"""`mlflow models serve` on the registered champion: a tiny classifier fitted on real cats and
+dogs, logged and registered as a pipeline run is, served by a real server process on a free
+loopback port, and real photos posted to /invocations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src import predict
+from tests.conftest import CATS_DOGS, require_shared
+from tests.test_registered_model import CLASSES, NAME, log_run, registry_cfg
+from tests.test_tracking_keys import SIZE, tiny_model
+
+pytestmark = pytest.mark.slow
+START_TIMEOUT = 300  # seconds for the server to import TensorFlow, load the model and answer /ping
+
+
+def photos(split: str, per_class: int) -> tuple[list[Path], np.ndarray]:
+    """The first `per_class` photos of each class in a split of the shared cats vs dogs, and labels."""
+    files = [f for c in CLASSES for f in sorted((CATS_DOGS / split / c).iterdir())[:per_class]]
+    return files, np.repeat(np.arange(len(CLASSES)), per_class)
+
+
+def fitted_model() -> tuple[object, float]:
+    """The tiny classifier fitted a few epochs on real photos, and its accuracy on others."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = tiny_model(2)
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    files, labels = photos("train", 12)
+    _, images, _ = predict.read_images(files, SIZE)
+    model.fit(images.astype(np.float32), labels, epochs=5, batch_size=8, verbose=0)
+    files, labels = photos("validation", 4)
+    _, images, _ = predict.read_images(files, SIZE)
+    _, accuracy = model.evaluate(images.astype(np.float32), labels, verbose=0)
+    return model, float(accuracy)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url: str, payload: dict | None = None) -> tuple[int, dict | str]:
+    """(HTTP status, JSON body or text) of a GET, or of a POST of `payload` as JSON."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            status, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read().decode()
+    try:
+        return status, json.loads(body)
+    except json.JSONDecodeError:
+        return status, body
+
+
+def wait_for_ping(base: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if request(f"{base}/ping")[0] == 200:
+                return
+        except OSError:  # not listening yet
+            pass
+        time.sleep(1)
+    pytest.fail(f"no answer to /ping after {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server and the workers it started (its own process group)."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+def check_predictions(predictions: list[dict]) -> np.ndarray:
+    """Two rows with a class name and probabilities summing to 1; returns the (2, 2) probabilities."""
+    assert len(predictions) == 2
+    probs = np.array([[row[f"p_{c}"] for c in CLASSES] for row in predictions])
+    for row, p in zip(predictions, probs):
+        assert row["class"] in CLASSES and row["class"] == CLASSES[int(p.argmax())]
+        assert row["probability"] == pytest.approx(p.max())
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    return probs
+
+
+def test_serve_the_champion_and_classify_a_cat_and_a_dog(tmp_path):
+    require_shared()
+    cfg = registry_cfg(tmp_path)
+    model, accuracy = fitted_model()
+    logged = log_run(cfg, tmp_path / "run", accuracy=accuracy, model=model)
+    assert logged["alias"] == "champion"
+    cat, dog = (sorted((CATS_DOGS / "validation" / c).iterdir())[0] for c in CLASSES)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion"]
+    command += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": cfg.tracking.uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_for_ping(base, server, log)
+        status, body = request(
+            f"{base}/invocations", {"dataframe_records": [{"path": str(cat)}, {"path": str(dog)}]}
+        )
+        assert status == 200, body
+        by_path = check_predictions(body["predictions"])
+        _, images, _ = predict.read_images([cat, dog], SIZE)
+        status, body = request(f"{base}/invocations", {"inputs": images.tolist()})
+        assert status == 200, body
+        np.testing.assert_allclose(check_predictions(body["predictions"]), by_path, rtol=1e-5)
+        missing = tmp_path / "missing.jpg"
+        status, body = request(f"{base}/invocations", {"dataframe_records": [{"path": str(missing)}]})
+        assert status == 400 and str(missing) in body["message"]
+    finally:
+        stop(server)
