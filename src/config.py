@@ -315,13 +315,10 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def project_root(root: Path = REPO_ROOT) -> Path:
-    """The repository root; for DVC's queued experiments, which run in temporary copies under
-    `.dvc/tmp/exps/`, the original repository."""
-    parts = root.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
+    """The repository root; for DVC's queued and temporary experiments, which run in copies of
+    the workspace, the original repository, which DVC names in $DVC_ROOT."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    return Path(dvc_root) if dvc_root and Path(dvc_root).is_dir() else root
 
 
 def resolve_input(path: str | Path) -> Path:

@@ -165,6 +165,49 @@ class KerasFlavor:
 MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "pandas", "pillow", "hydra-core", "tqdm")
 
 
+# Settings that say where things are, not what was trained: left out of run names.
+UNNAMED_SETTINGS = re.compile(
+    r"(experiment|preset|paths|tracking|inputs|hydra)(\.|$)|dataset\.path$|model\.weights$"
+)
+# MLflow tag -> the environment variable `dvc exp run` sets
+DVC_TAGS = {"dvc.exp_name": "DVC_EXP_NAME", "dvc.baseline_rev": "DVC_EXP_BASELINE_REV"}
+
+
+def varied_settings(cfg: DictConfig) -> list[str]:
+    """`key=value` for each setting of `cfg` that differs from its preset (or the defaults),
+    leaving out where things are (`paths`, `tracking`, `dataset.path`, ...). Under a Hydra
+    app they are its command-line overrides; otherwise the preset is composed and compared."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from src.config import ConfigError, compose
+
+    if GlobalHydra.instance().is_initialized():  # inside `python -m src.train`
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:  # initialized, but not by a Hydra app run
+            overrides = []
+        pairs = [o.lstrip("+~").split("=", 1) for o in overrides if "=" in o]
+    else:
+        try:
+            preset = compose([] if cfg.preset == "default" else [f"experiment={cfg.preset}"])
+        except ConfigError:  # a preset this checkout does not have
+            return []
+        base, mine = flatten(preset), flatten(cfg)
+        pairs = [[k, v] for k, v in mine.items() if base.get(k) != v]
+    return [f"{k}={v}" for k, v in pairs if not UNNAMED_SETTINGS.match(k)]
+
+
+def run_name(cfg: DictConfig, run_id: str) -> str:
+    """What tells the run apart: its preset, the settings that differ from the preset, and the
+    start of its run id, e.g. `dlwp_cats_vs_dogs finetune.layers=8 3f9a1c2e`."""
+    varied = " ".join(varied_settings(cfg))
+    if len(varied) > 200:
+        varied = varied[:199] + "…"
+    return " ".join(part for part in (cfg.preset, varied, run_id[:8]) if part)
+
+
 def model_requirements() -> list[str]:
     """`name==version` of each of `MODEL_PACKAGES` installed here."""
     from importlib import metadata
@@ -246,13 +289,15 @@ def log_pipeline_run(
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
     }
-    if cfg.tracking.get("run_id"):  # a sweep job: its child run exists already
+    for tag, variable in DVC_TAGS.items():  # set by `dvc exp run`
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    if cfg.tracking.get("run_id"):  # a sweep job: its child run exists already, named by the sweep
         active = mlflow.start_run(run_id=cfg.tracking.run_id)
         mlflow.set_tags(tags)
     else:
-        active = mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"{cfg.preset}-{cfg.model.name}", tags=tags
-        )
+        active = mlflow.start_run(experiment_id=experiment_id, tags=tags)
+        mlflow.set_tag("mlflow.runName", run_name(cfg, active.info.run_id))
     with active as run:
         params = {k: v for k, v in flatten(cfg).items() if k != "tracking.run_id"}
         param_names = safe_keys(params)

@@ -52,10 +52,15 @@ def test_reuse_or_run_builds_once_then_reuses(prepared_cfg):
     assert second["reused"] is True and Path(prepared_cfg.paths.prepared) == built
 
 
-def test_project_root_of_a_dvc_queue_copy_is_the_original_repo():
-    assert project_root(Path("/home/u/proj/.dvc/tmp/exps/tmpab12")) == Path("/home/u/proj")
-    assert project_root(Path("/home/u/proj")) == Path("/home/u/proj")
-    assert project_root() / "mlruns" == tracking.STORE_DIR
+def test_project_root_of_a_dvc_experiment_copy_is_the_repo_dvc_names(monkeypatch, tmp_path):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert project_root() == REPO_ROOT and project_root() / "mlruns" == tracking.STORE_DIR
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "proj"))  # what `dvc exp run` sets in a copy
+    assert project_root(copy) == tmp_path / "proj"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "gone"))  # not a folder: ignored
+    assert project_root(copy) == copy
 
 
 # --- summary of a sweep from a real MLflow store -------------------------------------------

@@ -91,10 +91,11 @@ def test_safe_keys_are_valid_distinct_and_stable():
     assert tracking.renamed(names)["test.f1.dogs__big__2_"] == "test.f1.dogs, big (2)"
 
 
-def test_log_pipeline_run_with_class_names_mlflow_refuses(tmp_path):
+def test_log_pipeline_run_with_class_names_mlflow_refuses(tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-lucky-cat")
     cfg = scratch_cfg(tmp_path)
     history = tmp_path / "history.csv"
     pd.DataFrame({"epoch": [1], "loss": [0.7], "val_loss": [0.6], "val accuracy (%)": [55.0]}).to_csv(
@@ -116,6 +117,11 @@ def test_log_pipeline_run_with_class_names_mlflow_refuses(tmp_path):
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(logged["run_id"])
     assert run.info.status == "FINISHED"
+    # named by what differs from the defaults, never by where things are; tagged by `dvc exp run`
+    assert run.info.run_name.startswith("default ") and run.info.run_name.endswith(" " + run.info.run_id[:8])
+    assert "dataset.image_size=16" in run.info.run_name and "model.name=small_cnn" in run.info.run_name
+    assert "paths." not in run.info.run_name and "tracking." not in run.info.run_name
+    assert run.data.tags["dvc.exp_name"] == "exp-lucky-cat"
     assert run.data.metrics["test.f1.dogs__big__2_"] == pytest.approx(0.1)
     assert run.data.metrics["test.f1.a_b"] == pytest.approx(0.4) and run.data.metrics["test.accuracy"] == 0.5
     assert len(run.data.metrics) == len(metrics) + 3  # plus the head's curves
@@ -174,3 +180,10 @@ def test_evaluate_without_a_validation_accuracy(tmp_path):
     nan = {"epochs": 1, "best": {"epoch": 1, "val_loss": None, "val_accuracy": float("nan")}}
     (reports / "finetune.json").write_text(json.dumps(nan))
     assert evaluate.val_accuracy(cfg) is None  # not a number: no value rather than NaN in metrics.json
+
+
+def test_varied_settings_are_the_overrides_of_the_preset_not_the_paths():
+    cfg = compose(["experiment=ci", "finetune.layers=2", "head.dropout=0.3", "paths.models=/tmp/elsewhere"])
+    assert tracking.varied_settings(cfg) == ["head.dropout=0.3", "finetune.layers=2"]
+    assert tracking.varied_settings(compose(["experiment=ci"])) == []
+    assert tracking.run_name(compose(["experiment=ci"]), "0123456789abcdef") == "ci 01234567"
