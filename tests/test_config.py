@@ -33,7 +33,7 @@ def test_every_preset_composes_and_validates(preset):
 
 def test_presets_encode_their_recipes():
     dlwp = compose(["experiment=dlwp_cats_vs_dogs"])
-    assert (dlwp.dataset.image_size, list(dlwp.head.units), dlwp.head.dropout) == (180, [256], 0.5)
+    assert (dlwp.dataset.image_size, list(dlwp.head.units), dlwp.head.pooling) == (224, [256], "avg")
     assert (dlwp.finetune.layers, dlwp.finetune.learning_rate, dlwp.augment.flip) == (4, 1e-5, "horizontal")
     gtsrb = compose(["experiment=gtsrb_finetune"])
     assert gtsrb.finetune.layers == 8 and gtsrb.dataset.test_labels_csv == "Test.csv"
