@@ -1,4 +1,12 @@
-"""Content-addressed reuse of prepared data and extracted features across runs and sweep jobs.
+"""Content-addressed reuse of prepared data and extracted features for `python -m src.train`.
+
+Which cache serves which command: under `dvc repro` and `dvc exp run` (queued or not) every
+stage output is in DVC's cache and unchanged stages are skipped, checked out or restored from
+DVC's run-cache; the stage entry points (`python -m src.prepare`, `src.extract`) never call
+`reuse_or_run` and never read or fill `<paths.cache>/<stage>/`. They only record their key in
+`info.json`, so that `src.train` can reuse what DVC produced or pulled. This module serves
+what DVC cannot: `python -m src.train` outside DVC and its Hydra multiruns, whose jobs share
+prepared data and features.
 
 A stage output is identified by a key: the sha256 of everything that determines it (the config
 subtree the stage reads, the fingerprint of its input, the source of the code that makes it: the

@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from src import cache, stage
-from src.config import resolve_path
+from src.config import resolve_input, resolve_path
 from src.download import list_folder, walk_files
 from src.stage import StageError
 
@@ -840,6 +840,19 @@ def _write_outputs(
     return info
 
 
+def source_root(cfg: DictConfig, source: dict) -> Path:
+    """The folder of raw images that `source.json` describes. Its `root` is an absolute path of
+    the checkout that ran `download`; in another checkout (a clone that pulled `<paths.raw>`
+    from a DVC remote) a downloaded dataset is the one under this `<paths.raw>`, and a local
+    folder that is not there is found again from `dataset.path`."""
+    if source.get("kind") == "download" and source.get("dataset"):
+        return resolve_path(cfg.paths.raw) / source["dataset"]
+    root = Path(source["root"])
+    if source.get("kind") == "local" and not root.is_dir() and cfg.dataset.path is not None:
+        return resolve_input(cfg.dataset.path).resolve()
+    return root
+
+
 def run(cfg: DictConfig) -> dict:
     """Prepare the dataset described by `cfg.dataset`; return counts and the data fingerprint.
 
@@ -849,7 +862,7 @@ def run(cfg: DictConfig) -> dict:
     if not source_file.is_file():
         raise StageError(f"{source_file} not found: run the download stage first (dvc repro download)")
     source = json.loads(source_file.read_text())
-    root = Path(source["root"])
+    root = source_root(cfg, source)
     final = resolve_path(cfg.paths.prepared)
     out_dir = stage.staging_dir(final)
     report = Report()

@@ -6,11 +6,13 @@
     python -m src.train -m experiment=ci finetune.layers=0,2 hydra/launcher=joblib  # parallel jobs
     python -m src.train -m experiment=ci hparams_search=finetune_optuna            # Optuna TPE
 
-Unlike `dvc repro`, this reads `conf/` directly (not params.yaml). Prepared data and features
-are reused whenever their inputs match (`src.cache`), so a sweep over head and fine-tune keys
-extracts features once. In a multirun each job writes its models and reports to its own
-Hydra job folder and logs a child run under the sweep's MLflow parent run (`src.sweep`); a
-failing job is recorded as FAILED and the sweep goes on. The job returns the final model's
+Unlike `dvc repro`, this reads `conf/` directly (not params.yaml) and runs outside DVC, so
+DVC's cache does not serve it: prepared data and features are reused whenever their inputs
+match through `src.cache` (also those `dvc repro` or `dvc pull` left in `data/prepared` and
+`data/features`), so a sweep over head and fine-tune keys extracts features once. In a
+multirun each job writes its models and reports to its own Hydra job folder and logs a child
+run under the sweep's MLflow parent run (`src.sweep`); a failing job is recorded as FAILED and
+the sweep goes on. The job returns the final model's
 validation accuracy, which Hydra sweepers such as Optuna maximise.
 """
 

@@ -23,9 +23,11 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def sh(cwd: Path, *args: str) -> str:
+def sh(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a command in `cwd` with the venv first on PATH (plus `env`); its output, failing on error."""
     env = {
         **os.environ,
+        **(env or {}),
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@example.com",
@@ -61,6 +63,16 @@ def copy_repo(top: Path) -> Path:
     sh(copy, "git", "add", "-A")
     sh(copy, "git", "commit", "-qm", "snapshot")
     return copy
+
+
+def run_queue(repo: Path, timeout: float = 900) -> str:
+    """`dvc queue start` one worker and wait until nothing is queued or running; the final status."""
+    sh(repo, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + timeout
+    while re.search(r"\b(Queued|Running)\b", status := sh(repo, "dvc", "queue", "status")):
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    return status
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +157,7 @@ def test_queued_experiments_run_in_temp_copies_and_log_to_the_project_store(repo
     before = len(client.search_runs([experiment.experiment_id]))
     queued = sh(repo, "dvc", "exp", "run", "--queue", "-S", "experiment=ci", "-S", "finetune.layers=0,2")
     assert queued.count("Queued experiment") == 2, queued
-    sh(repo, "dvc", "queue", "start", "-j", "1")
-    deadline = time.monotonic() + 900
-    while re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status")):
-        assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status")
-        time.sleep(5)
-    status = sh(repo, "dvc", "queue", "status")
+    status = run_queue(repo)
     assert status.count("Success") >= 2, status
     shown = sh(repo, "dvc", "exp", "show", "--json")
     layers = re.findall(r'"layers":\s*(\d+)', shown)
