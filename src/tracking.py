@@ -332,32 +332,17 @@ def log_pipeline_run(
                 [TensorSpec(np.dtype(np.float32), (-1, 1 if len(classes) == 2 else len(classes)))]
             ),
         )
+        shared = {"metadata": metadata, "input_example": example, "pip_requirements": model_requirements()}
         keras_info = Model.log(
-            None,
-            name="keras_model",
-            flavor=KerasFlavor,
-            flavor_name="mlflow.keras",
-            metadata=metadata,
-            model=model,
-            signature=signature,
-            input_example=example,
-            pip_requirements=model_requirements(),
-        )
+            None, name="keras_model", flavor=KerasFlavor, flavor_name="mlflow.keras", model=model,
+            signature=signature, **shared,
+        )  # fmt: skip
         name = cfg.tracking.registered_model
         info = Model.log(
-            None,
-            name="model",
-            flavor=pyfunc_model,
-            flavor_name="mlflow.pyfunc",
-            registered_model_name=name,
-            metadata=metadata,
-            keras_model=model,
-            classes=list(classes),
-            temperature_file=temperature_file,
-            signature=pyfunc_model.signature(list(classes)),
-            input_example=example,
-            pip_requirements=model_requirements(),
-        )
+            None, name="model", flavor=pyfunc_model, flavor_name="mlflow.pyfunc", registered_model_name=name,
+            keras_model=model, classes=list(classes), temperature_file=temperature_file,
+            signature=pyfunc_model.signature(list(classes)), **shared,
+        )  # fmt: skip
         logged = {
             "run_id": run.info.run_id,
             "experiment_id": experiment_id,
