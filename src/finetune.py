@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from src import datasets, models, precision, stage, training
+from src import datasets, live_metrics, models, precision, stage, training
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ def run(cfg: DictConfig) -> dict:
         train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
         val_data = datasets.batches(x_val, y_val, ft.batch_size)
         result = training.fit_best(
-            model, train_data, val_data, epochs, model_dir / "final.keras", history_path
-        )
+            model, train_data, val_data, epochs, model_dir / "final.keras", history_path,
+            live=live_metrics.callback(cfg, "finetune"),
+        )  # fmt: skip
         return {**result, **summary}
     augmented = models.augmentation(cfg.augment, cfg.seed) is not None
     result = _fit_from_boundary(
@@ -131,6 +132,7 @@ def _fit_from_boundary(
                 model_dir / "final.keras",
                 history_path,
                 validation=validation,
+                live=live_metrics.callback(cfg, "finetune"),
             )
         x_train, y_train = data["train"]
         train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
@@ -142,6 +144,7 @@ def _fit_from_boundary(
             model_dir / "final.keras",
             history_path,
             final_model=model,
+            live=live_metrics.callback(cfg, "finetune"),
         )
 
 

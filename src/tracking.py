@@ -14,114 +14,35 @@ no server needed, wherever the process was started. `MLFLOW_TRACKING_URI` or
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import posixpath
-import re
 import subprocess
-from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import REPO_ROOT, project_root
+from src.config import REPO_ROOT
+from src.mlflow_store import (  # noqa: F401 - part of this module's interface
+    STORE_DIR,
+    default_uri,
+    flatten,
+    renamed,
+    run_name,
+    safe_keys,
+    tracking_uri,
+    use_store,
+    varied_settings,
+)
 
 log = logging.getLogger(__name__)
 
 
-STORE_DIR = project_root() / "mlruns"
-# Key characters every MLflow store takes: letters, digits, `_ - . /` (not all take spaces or colons).
-UNSAFE_KEY_CHARS = re.compile(r"[^\w./-]")
-MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param keys
 CHAMPION, CANDIDATE = "champion", "candidate"  # registered model aliases
 ACCURACY_KEY = "test.accuracy"  # the metric that decides the champion
 FINGERPRINT_TAG = "dataset_fingerprint"
-
-
-def default_uri() -> str:
-    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local SQLite store."""
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
-
-
-def use_store(cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and select (creating if needed) the experiment."""
-    import mlflow
-
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    name = cfg.tracking.experiment
-    if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if uri == default_uri():
-            STORE_DIR.mkdir(exist_ok=True)
-            location = (STORE_DIR / "artifacts").as_uri()
-        mlflow.create_experiment(name, artifact_location=location)
-    return mlflow.set_experiment(name).experiment_id
-
-
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """Resolved config as dotted keys -> strings (lists kept as their YAML-ish text)."""
-    out: dict[str, str] = {}
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
-        else:
-            out[prefix] = "null" if node is None else str(node)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
-
-
-def safe_keys(keys: Iterable[str]) -> dict[str, str]:
-    """Map each key to one MLflow accepts on every store: characters outside letters, digits and
-    `_ - . /` become `_` (`dogs, big (2)` -> `dogs__big__2_`), a key that would read as a file path
-    (`a//b`, `../x`) loses its slashes, and keys that end up equal to another key get a short
-    suffix from a hash of their original text, so distinct keys stay distinct on every rerun."""
-    keys = list(dict.fromkeys(keys))
-    cleaned = {}
-    for key in keys:
-        safe = UNSAFE_KEY_CHARS.sub("_", key)
-        if posixpath.normpath(safe) != safe or safe.startswith(("/", "..")) or safe in ("", "."):
-            safe = safe.replace("/", "_")
-            if safe.startswith("..") or safe in ("", "."):
-                safe = "_" + safe
-        cleaned[key] = safe
-    groups: dict[str, list[str]] = defaultdict(list)
-    for key, safe in cleaned.items():
-        groups[safe].append(key)
-    taken = {key for key, safe in cleaned.items() if key == safe}
-    out = {}
-    for key, safe in cleaned.items():
-        clash = safe != key and (len(groups[safe]) > 1 or safe in taken)
-        if clash or len(safe) > MAX_KEY_LENGTH:
-            digest = hashlib.sha1(key.encode()).hexdigest()
-            width = 6
-            while True:
-                suffix = "_" + digest[:width]
-                candidate = safe[: MAX_KEY_LENGTH - len(suffix)] + suffix
-                if candidate not in taken or width == len(digest):
-                    break
-                width += 2
-            safe = candidate
-        out[key] = safe
-        taken.add(safe)
-    return out
-
-
-def renamed(mapping: dict[str, str]) -> dict[str, str]:
-    """The entries of a `safe_keys` mapping that changed, as safe key -> original key."""
-    return {safe: key for key, safe in mapping.items() if safe != key}
 
 
 def git_commit() -> str:
@@ -165,47 +86,8 @@ class KerasFlavor:
 MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "pandas", "pillow", "hydra-core", "tqdm")
 
 
-# Settings that say where things are, not what was trained: left out of run names.
-UNNAMED_SETTINGS = re.compile(
-    r"(experiment|preset|paths|tracking|inputs|hydra)(\.|$)|dataset\.path$|model\.weights$"
-)
 # MLflow tag -> the environment variable `dvc exp run` sets
 DVC_TAGS = {"dvc.exp_name": "DVC_EXP_NAME", "dvc.baseline_rev": "DVC_EXP_BASELINE_REV"}
-
-
-def varied_settings(cfg: DictConfig) -> list[str]:
-    """`key=value` for each setting of `cfg` that differs from its preset (or the defaults),
-    leaving out where things are (`paths`, `tracking`, `dataset.path`, ...). Under a Hydra
-    app they are its command-line overrides; otherwise the preset is composed and compared."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from src.config import ConfigError, compose
-
-    if GlobalHydra.instance().is_initialized():  # inside `python -m src.train`
-        from hydra.core.hydra_config import HydraConfig
-
-        try:
-            overrides = list(HydraConfig.get().overrides.task)
-        except ValueError:  # initialized, but not by a Hydra app run
-            overrides = []
-        pairs = [o.lstrip("+~").split("=", 1) for o in overrides if "=" in o]
-    else:
-        try:
-            preset = compose([] if cfg.preset == "default" else [f"experiment={cfg.preset}"])
-        except ConfigError:  # a preset this checkout does not have
-            return []
-        base, mine = flatten(preset), flatten(cfg)
-        pairs = [[k, v] for k, v in mine.items() if base.get(k) != v]
-    return [f"{k}={v}" for k, v in pairs if not UNNAMED_SETTINGS.match(k)]
-
-
-def run_name(cfg: DictConfig, run_id: str) -> str:
-    """What tells the run apart: its preset, the settings that differ from the preset, and the
-    start of its run id, e.g. `dlwp_cats_vs_dogs finetune.layers=8 3f9a1c2e`."""
-    varied = " ".join(varied_settings(cfg))
-    if len(varied) > 200:
-        varied = varied[:199] + "…"
-    return " ".join(part for part in (cfg.preset, varied, run_id[:8]) if part)
 
 
 def model_requirements() -> list[str]:
@@ -279,7 +161,7 @@ def log_pipeline_run(
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from src import predict, pyfunc_model
+    from src import live_metrics, predict, pyfunc_model
 
     experiment_id = use_store(cfg)
     tags = {
@@ -295,6 +177,9 @@ def log_pipeline_run(
     if cfg.tracking.get("run_id"):  # a sweep job: its child run exists already, named by the sweep
         active = mlflow.start_run(run_id=cfg.tracking.run_id)
         mlflow.set_tags(tags)
+    elif (opened := live_metrics.running_run(cfg)) is not None:  # training logged its epochs into it
+        active = mlflow.start_run(run_id=opened.info.run_id)
+        mlflow.set_tags(tags)
     else:
         active = mlflow.start_run(experiment_id=experiment_id, tags=tags)
         mlflow.set_tag("mlflow.runName", run_name(cfg, active.info.run_id))
@@ -304,9 +189,13 @@ def log_pipeline_run(
         items = [(param_names[k], v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(items[i : i + 100]))
+        logged_live = mlflow.get_run(run.info.run_id).data.tags
         offset = 0
         for prefix, path in histories.items():
-            offset += log_history(path, prefix, offset)  # fine-tune epochs continue after the head's
+            if live_metrics.PHASE_TAG.format(prefix) in logged_live:  # each epoch was logged as it ended
+                offset += len(pd.read_csv(path)) if path.is_file() else 0
+            else:  # fine-tune epochs continue after the head's
+                offset += log_history(path, prefix, offset)
         metric_names = safe_keys(metrics)
         mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
         for mapping, name in ((metric_names, "metric_names.json"), (param_names, "param_names.json")):

@@ -12,7 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from src import datasets, models, precision, stage, training
+from src import datasets, live_metrics, models, precision, stage, training
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def run(cfg: DictConfig) -> dict:
         h.epochs,
         model_dir / "head.keras",
         resolve_path(cfg.paths.reports) / "head" / "history.csv",
+        live=live_metrics.callback(cfg, "head") if h.epochs > 0 else None,
     )
     return {
         **result,

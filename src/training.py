@@ -77,10 +77,12 @@ def fit_best(
     history_path: Path,
     final_model=None,
     validation=None,
+    live=None,
 ) -> dict:
     """Train, keep the weights of the epoch with the lowest val_loss, save the model (or
     `final_model`, which shares the trained layers) and the history. `validation` (from
-    `validate_with`) scores each epoch instead of `val_data`."""
+    `validate_with`) scores each epoch instead of `val_data`; `live` (from
+    `src.live_metrics.callback`) is called last at each epoch's end, with all its metrics."""
     import keras
 
     rows: list[dict] = []
@@ -97,7 +99,7 @@ def fit_best(
                 train_data,
                 validation_data=val_data,
                 epochs=epochs,
-                callbacks=[c for c in (validation, callback, timer, batches) if c is not None],
+                callbacks=[c for c in (validation, callback, timer, batches, live) if c is not None],
                 shuffle=False,
                 verbose=2,
             )  # batches arrive shuffled already

@@ -145,8 +145,9 @@ def test_the_classifier_predicts_class_names_from_paths_and_from_pixels(store, c
         frame = classifier.predict(model_input)
         assert list(frame.columns) == ["class", "probability", "p_cats", "p_dogs"]
         assert frame["class"].tolist() == ["cats", "dogs"]
-        np.testing.assert_allclose(frame[["p_cats", "p_dogs"]].to_numpy(), expected, rtol=1e-5)
-        np.testing.assert_allclose(frame["probability"], expected.max(axis=1), rtol=1e-5)
+        # float32 convolutions differ by ~1e-6 between calls (oneDNN picks kernels by batch and threads)
+        np.testing.assert_allclose(frame[["p_cats", "p_dogs"]].to_numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(frame["probability"], expected.max(axis=1), atol=1e-5)
     assert 0.5 < frame["probability"].min() < 0.99  # calibrated: softer than the raw 0.9975
     assert classifier.predict([]).empty
 

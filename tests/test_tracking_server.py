@@ -1,0 +1,111 @@
+"""`tracking=server` for real: PostgreSQL and `mlflow server` (proxied artifacts) started on
+loopback ports by `src.tracking_server`, the `ci` preset run against it, and the run, its metrics,
+artifacts and registered model read back over MLflow's REST API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from src import tracking_server
+from src.config import compose, validate
+from src.train import train
+from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, path_overrides, require_shared
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(url: str, endpoint: str, **query) -> dict:
+    with urllib.request.urlopen(f"{url}/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if tracking_server.postgres_bindir() is None:
+        pytest.skip("PostgreSQL's server binaries are not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[server]'")
+    tmp = tmp_path_factory.mktemp("server")
+    pg_dir = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "data"
+    pg_dir.parent.chmod(0o755)  # reachable by the postgres user when the tests run as root
+    backend = tracking_server.start_postgres(pg_dir, free_port())
+    try:
+        port = free_port()
+        artifacts = tmp / "artifacts"
+        with tracking_server.running_server(backend, str(artifacts), port, tmp / "server.log") as url:
+            yield url, backend, artifacts, tmp
+    finally:
+        tracking_server.stop_postgres(pg_dir)
+        shutil.rmtree(pg_dir.parent, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_pipeline_run_lands_in_postgres_and_reads_back_over_rest(server):
+    import mlflow
+    import pandas as pd
+    import psycopg
+
+    require_shared()
+    url, backend, artifacts, tmp = server
+    cfg = validate(
+        compose(
+            [
+                "experiment=ci",
+                "tracking=server",
+                f"tracking.uri={url}",
+                f"dataset.path={CATS_DOGS}",
+                f"model.weights={VGG16_WEIGHTS}",
+                *path_overrides(tmp / "work"),
+            ]
+        )
+    )
+    results = train(cfg)
+    logged = results["evaluate"]["mlflow"]
+    run_id = logged["run_id"]
+
+    run = rest(url, "api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["test.accuracy"] == pytest.approx(results["evaluate"]["test"]["accuracy"])
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["preset"] == "ci" and params["finetune.layers"] == "4"
+    history = rest(url, "api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="head.val_loss")
+    assert [m["step"] for m in history["metrics"]] == [1]
+
+    listed = rest(url, "api/2.0/mlflow/artifacts/list", run_id=run_id)
+    assert {"metrics.json", "figures", "config.yaml"} <= {f["path"] for f in listed["files"]}
+    with urllib.request.urlopen(f"{url}/get-artifact?path=metrics.json&run_uuid={run_id}") as response:
+        assert json.loads(response.read())["test"]["accuracy"] == pytest.approx(metrics["test.accuracy"])
+    assert list(artifacts.rglob("metrics.json")), "the server stores artifacts under --artifacts-destination"
+
+    name = cfg.tracking.registered_model
+    alias = rest(url, "api/2.0/mlflow/registered-models/alias", name=name, alias="champion")
+    version = alias["model_version"]
+    assert version["run_id"] == run_id and logged["alias"] == "champion"
+    mlflow.set_tracking_uri(url)  # the registered classifier comes back through the server's proxy
+    classifier = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    cat = sorted((CATS_DOGS / "validation" / "cats").iterdir())[0]
+    assert classifier.predict(pd.DataFrame({"path": [str(cat)]}))["class"].tolist()[0] in {"cats", "dogs"}
+
+    with psycopg.connect(backend) as connection, connection.cursor() as cursor:  # really in PostgreSQL
+        cursor.execute("select status from runs where run_uuid = %s", (run_id,))
+        assert cursor.fetchone() == ("FINISHED",)
+        cursor.execute("select count(*) from model_versions where name = %s", (name,))
+        assert cursor.fetchone() == (1,)
+
+
+def test_without_postgres_binaries_the_error_says_how_to_get_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(tracking_server, "postgres_bindir", lambda: None)
+    with pytest.raises(tracking_server.ServerError, match="apt-get install postgresql"):
+        tracking_server.start_postgres(tmp_path / "pg", free_port())
