@@ -24,6 +24,7 @@ HEAD_ACTIVATIONS = ("relu", "gelu", "tanh", None)
 FLIPS = (None, "horizontal", "vertical", "horizontal_and_vertical")
 SPLIT_SOURCES = ("train", "val")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # see src/precision.py
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")  # see src/distribute.py
 MAX_IMAGE_SIZE = 1024  # px per side: 1024² x 3 bytes is 3 MB per image before any model sees it
 # The pipeline's output folders (`paths.*`); `downloads` keeps archives, never replaced wholesale.
 OUTPUT_KEYS = ("raw", "downloads", "prepared", "features", "models", "reports", "cache")
@@ -281,6 +282,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_choice(cfg, "head.activation", HEAD_ACTIVATIONS)
     _check_choice(cfg, "train.precision", PRECISIONS)
     _check_choice(cfg, "train.jit_compile", ("auto", True, False))
+    _check_choice(cfg, "train.strategy", STRATEGIES)
     _check_choice(cfg, "head.optimizer", OPTIMIZERS)
     _check_choice(cfg, "finetune.optimizer", OPTIMIZERS)
     _check_choice(cfg, "head.schedule", SCHEDULES)

@@ -68,21 +68,31 @@ def read_batches(array: np.ndarray, batch_size: int):
 
 
 def batches(
-    array: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle: bool = False, seed: int = 0
+    array: np.ndarray,
+    labels: np.ndarray | None,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ):
     """A `tf.data.Dataset` of (x, y) float32 batches (x only when labels is None) read from
-    a possibly memory-mapped array; reshuffled every epoch when `shuffle`."""
+    a possibly memory-mapped array; reshuffled every epoch when `shuffle`. With `shard` = (i, k),
+    k > 1, only batches i, i + k, i + 2k, ... of each epoch, as many for every i (one worker's
+    share in multi-worker training; `src.distribute`)."""
     import tensorflow as tf
 
     n = len(array)
     epoch = [0]
+    index, count = shard
+    starts = range(0, n, batch_size)
+    starts = starts[index : len(starts) // count * count : count] if count > 1 else starts
 
     def generate():
         order = np.arange(n)
         if shuffle:
             np.random.default_rng(seed + epoch[0]).shuffle(order)
             epoch[0] += 1
-        for start in range(0, n, batch_size):
+        for start in starts:
             index = np.sort(order[start : start + batch_size])  # sorted reads are cheaper on a memory map
             x = np.asarray(array[index], dtype=np.float32)
             yield x if labels is None else (x, labels[index])
@@ -90,6 +100,7 @@ def batches(
     x_spec = tf.TensorSpec((None, *array.shape[1:]), tf.float32)
     spec = x_spec if labels is None else (x_spec, tf.TensorSpec((None,), tf.as_dtype(labels.dtype)))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
-    n_batches = -(-n // batch_size)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(n_batches))  # Keras knows the steps
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(starts)))  # Keras knows the steps
+    options = tf.data.Options()  # sharded here, if at all: tf.distribute must not shard again
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

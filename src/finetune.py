@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from src import datasets, live_metrics, models, precision, stage, training
+from src import datasets, distribute, live_metrics, models, precision, stage, training
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -27,31 +27,37 @@ def run(cfg: DictConfig) -> dict:
     """Fine-tune the top `finetune.layers` layers and save the final model."""
     import keras
 
+    chosen = distribute.strategy(cfg.train)  # before anything starts TensorFlow (multi-worker)
     keras.utils.set_random_seed(cfg.seed)
     model_dir = resolve_path(cfg.paths.models)
     history_path = resolve_path(cfg.paths.reports) / "finetune" / "history.csv"
-    head_model = keras.saving.load_model(model_dir / "head.keras")
     (model_dir / "temperature.json").unlink(missing_ok=True)  # fitted for an earlier final model
-    ft = cfg.finetune
     if not is_pretrained(cfg):
         log.info("%s was trained from scratch in train_head: passing it on", cfg.model.name)
+        head_model = keras.saving.load_model(model_dir / "head.keras")
         result = training.fit_best(head_model, None, None, 0, model_dir / "final.keras", history_path)
         return {**result, "unfrozen": []}
 
     classes = datasets.load_classes(cfg)
-    policy = precision.use(cfg.train.precision)  # the base computes in it; the head keeps float32 layers
-    xla = precision.use_xla(cfg.train.jit_compile)
+    with chosen.scope():  # the model's variables, its optimizer and `fit` on the strategy's devices
+        head_model = keras.saving.load_model(model_dir / "head.keras")  # float32, as saved
+        policy = precision.use(cfg.train.precision)  # the base computes in it; the head keeps float32
+        xla = precision.use_xla(cfg.train.jit_compile)
+        return _fine_tune(cfg, chosen, head_model, model_dir, history_path, len(classes), policy, xla)
+
+
+def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_classes: int, policy: str,
+               xla: bool) -> dict:  # fmt: skip
+    ft = cfg.finetune
     base = models.conv_base(cfg.model, cfg.dataset.image_size)
     model = models.full_model(base, head_model, cfg.model, cfg.augment, cfg.seed)
     unfrozen = models.unfreeze_top(base, ft.layers)
     epochs = ft.epochs if ft.layers > 0 else 0
     log.info("unfrozen layers (%d): %s", len(unfrozen), ", ".join(unfrozen) or "none")
     n_train = len(datasets.load_images(cfg, "train")[1])
-    steps = models.decay_steps(ft.schedule, epochs, n_train, ft.batch_size)
+    steps = models.decay_steps(ft.schedule, epochs, n_train, ft.batch_size * chosen.num_replicas_in_sync)
     # Recompile after changing `trainable`, so the change takes effect.
-    models.compile_model(
-        model, len(classes), ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=steps
-    )
+    models.compile_model(model, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=steps)
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
     summary = {
         "unfrozen": unfrozen,
@@ -59,25 +65,29 @@ def run(cfg: DictConfig) -> dict:
         "cached_activations": False,
         "precision": policy,
         "jit_compile": xla,
+        "replicas": chosen.num_replicas_in_sync,
     }
+    model_path = distribute.output_dir(model_dir) / "final.keras"  # the chief's, or a worker's scratch
+    history_path = distribute.output_dir(history_path.parent) / history_path.name
     if not epochs:
-        result = training.fit_best(model, None, None, 0, model_dir / "final.keras", history_path)
+        result = training.fit_best(model, None, None, 0, model_path, history_path)
         return {**result, **summary}
+    live = live_metrics.callback(cfg, "finetune") if distribute.is_chief() else None
+    batch = distribute.worker_batch(ft.batch_size, chosen)
     # None for bases with branches (ResNet50): then every epoch runs the whole network
     split = models.split_at(base, ft.layers) if ft.cached_activations else None
     if split is None:
         x_train, y_train = datasets.load_images(cfg, "train")
         x_val, y_val = datasets.load_images(cfg, "val")
-        train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
-        val_data = datasets.batches(x_val, y_val, ft.batch_size)
-        result = training.fit_best(
-            model, train_data, val_data, epochs, model_dir / "final.keras", history_path,
-            live=live_metrics.callback(cfg, "finetune"),
-        )  # fmt: skip
+        train_data = datasets.batches(
+            x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+        )
+        val_data = datasets.batches(x_val, y_val, batch)
+        result = training.fit_best(model, train_data, val_data, epochs, model_path, history_path, live=live)
         return {**result, **summary}
     augmented = models.augmentation(cfg.augment, cfg.seed) is not None
     result = _fit_from_boundary(
-        cfg, split, head_model, model, model_dir, history_path, len(classes), xla, augmented, steps
+        cfg, split, head_model, model, model_path, history_path, n_classes, xla, augmented, steps, batch, live
     )
     return {**result, **summary, "cached_activations": not augmented, "cached_validation": True}
 
@@ -87,12 +97,14 @@ def _fit_from_boundary(
     split,
     head_model,
     model,
-    model_dir: Path,
+    model_path: Path,
     history_path: Path,
     n_classes: int,
     xla: bool,
     augmented: bool,
     decay_steps: int,
+    batch: int,
+    live,
 ) -> dict:
     """The frozen bottom gives the same activations every epoch for images that are not
     augmented: compute them once and run only the unfrozen top and the head on them. Without
@@ -104,7 +116,7 @@ def _fit_from_boundary(
     ft = cfg.finetune
     bottom, top = split
     preprocess = models.preprocessing(cfg.model)
-    with stage.scratch_dir(model_dir, "activations") as tmp:
+    with stage.scratch_dir(model_path.parent, "activations") as tmp:
         data = {}
         for name in ("val",) if augmented else ("train", "val"):
             images, labels = datasets.load_images(cfg, name)
@@ -119,32 +131,36 @@ def _fit_from_boundary(
             top_and_head, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=decay_steps
         )
         x_val, y_val = data["val"]
-        val_data = datasets.batches(x_val, y_val, ft.batch_size)
+        val_data = datasets.batches(x_val, y_val, batch)
         if augmented:  # `model` trains on images; `top_and_head` shares its weights and validates
             x_train, y_train = datasets.load_images(cfg, "train")
-            train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
+            train_data = datasets.batches(
+                x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+            )
             validation = training.validate_with(top_and_head, val_data)
             return training.fit_best(
                 model,
                 train_data,
                 None,
                 ft.epochs,
-                model_dir / "final.keras",
+                model_path,
                 history_path,
                 validation=validation,
-                live=live_metrics.callback(cfg, "finetune"),
+                live=live,
             )
         x_train, y_train = data["train"]
-        train_data = datasets.batches(x_train, y_train, ft.batch_size, shuffle=True, seed=cfg.seed)
+        train_data = datasets.batches(
+            x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+        )
         return training.fit_best(
             top_and_head,
             train_data,
             val_data,
             ft.epochs,
-            model_dir / "final.keras",
+            model_path,
             history_path,
             final_model=model,
-            live=live_metrics.callback(cfg, "finetune"),
+            live=live,
         )
 
 

@@ -12,7 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from src import datasets, live_metrics, models, precision, stage, training
+from src import datasets, distribute, live_metrics, models, precision, stage, training
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -22,46 +22,56 @@ def run(cfg: DictConfig) -> dict:
     """Train the head (or the from-scratch CNN) and save the best model and its history."""
     import keras
 
+    chosen = distribute.strategy(cfg.train)  # before anything starts TensorFlow (multi-worker)
     keras.utils.set_random_seed(cfg.seed)
     classes = datasets.load_classes(cfg)
     h = cfg.head
-    if is_pretrained(cfg):
-        precision.use("float32")  # a small dense head on cached features gains nothing from less
-        x_train, y_train = datasets.load_features(cfg, "train")
-        x_val, y_val = datasets.load_features(cfg, "val")
-        model = models.head(h, x_train.shape[1:], len(classes))
-    else:
-        precision.use(cfg.train.precision)
-        x_train, y_train = datasets.load_images(cfg, "train")
-        x_val, y_val = datasets.load_images(cfg, "val")
-        model = models.scratch_model(
-            cfg.model, h, cfg.augment, cfg.dataset.image_size, len(classes), cfg.seed
+    with chosen.scope():  # the model's variables, its optimizer and `fit` on the strategy's devices
+        if is_pretrained(cfg):
+            precision.use("float32")  # a small dense head on cached features gains nothing from less
+            x_train, y_train = datasets.load_features(cfg, "train")
+            x_val, y_val = datasets.load_features(cfg, "val")
+            model = models.head(h, x_train.shape[1:], len(classes))
+        else:
+            precision.use(cfg.train.precision)
+            x_train, y_train = datasets.load_images(cfg, "train")
+            x_val, y_val = datasets.load_images(cfg, "val")
+            model = models.scratch_model(
+                cfg.model, h, cfg.augment, cfg.dataset.image_size, len(classes), cfg.seed
+            )
+        xla = precision.use_xla(cfg.train.jit_compile)
+        steps = models.decay_steps(
+            h.schedule, h.epochs, len(x_train), h.batch_size * chosen.num_replicas_in_sync
         )
-    xla = precision.use_xla(cfg.train.jit_compile)
-    steps = models.decay_steps(h.schedule, h.epochs, len(x_train), h.batch_size)
-    models.compile_model(
-        model, len(classes), h.optimizer, h.learning_rate, jit_compile=xla, decay_steps=steps
-    )
-    train_data = datasets.batches(x_train, y_train, h.batch_size, shuffle=True, seed=cfg.seed)
-    val_data = datasets.batches(x_val, y_val, h.batch_size)
-    model_dir = resolve_path(cfg.paths.models)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    stage.write_json(model_dir / "classes.json", classes)  # the models' label names, for predict
-    result = training.fit_best(
-        model,
-        train_data,
-        val_data,
-        h.epochs,
-        model_dir / "head.keras",
-        resolve_path(cfg.paths.reports) / "head" / "history.csv",
-        live=live_metrics.callback(cfg, "head") if h.epochs > 0 else None,
-    )
+        models.compile_model(
+            model, len(classes), h.optimizer, h.learning_rate, jit_compile=xla, decay_steps=steps
+        )
+        batch = distribute.worker_batch(h.batch_size, chosen)
+        train_data = datasets.batches(
+            x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+        )
+        val_data = datasets.batches(x_val, y_val, batch)
+        # the chief writes the outputs; other workers write to a scratch folder
+        model_dir = distribute.output_dir(resolve_path(cfg.paths.models))
+        model_dir.mkdir(parents=True, exist_ok=True)
+        stage.write_json(model_dir / "classes.json", classes)  # the models' label names, for predict
+        live = live_metrics.callback(cfg, "head") if h.epochs > 0 and distribute.is_chief() else None
+        result = training.fit_best(
+            model,
+            train_data,
+            val_data,
+            h.epochs,
+            model_dir / "head.keras",
+            distribute.output_dir(resolve_path(cfg.paths.reports) / "head") / "history.csv",
+            live=live,
+        )
     return {
         **result,
         "classes": len(classes),
         "train": len(x_train),
         "val": len(x_val),
         "parameters": int(model.count_params()),
+        "replicas": chosen.num_replicas_in_sync,
     }
 
 

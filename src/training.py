@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from src import progress, stage
+from src import distribute, progress, stage
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
@@ -61,7 +61,10 @@ def validate_with(model, val_data):
 
     class Validation(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            scores = model.evaluate(val_data, verbose=0, return_dict=True)
+            if distribute.is_multi_worker(model.distribute_strategy):
+                scores = distribute.evaluate(model, val_data)
+            else:
+                scores = model.evaluate(val_data, verbose=0, return_dict=True)
             if logs is not None:
                 logs.update({f"val_{name}": float(value) for name, value in scores.items()})
 
@@ -95,14 +98,15 @@ def fit_best(
             )
             timer = _epoch_timer(keras)
             batches = progress.keras_callback(validation_steps=progress.batch_count(val_data))
-            history = model.fit(
-                train_data,
-                validation_data=val_data,
-                epochs=epochs,
-                callbacks=[c for c in (validation, callback, timer, batches, live) if c is not None],
-                shuffle=False,
-                verbose=2,
-            )  # batches arrive shuffled already
+            callbacks = [c for c in (validation, callback, timer, batches, live) if c is not None]
+            chosen = model.distribute_strategy
+            if distribute.is_multi_worker(chosen):  # Keras 3's fit cannot run it
+                history = distribute.fit_multi_worker(model, chosen, train_data, val_data, epochs, callbacks)
+            else:  # batches arrive shuffled already
+                history = model.fit(
+                    train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, shuffle=False,
+                    verbose=2,
+                )  # fmt: skip
             metrics = {**history.history, "seconds": timer.seconds}
             rows = [
                 {"epoch": i + 1, **{k: float(metrics[k][i]) for k in HISTORY_COLUMNS[1:] if k in metrics}}

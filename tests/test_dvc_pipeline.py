@@ -107,6 +107,8 @@ def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
     assert run.data.tags["preset"] == "ci" and len(run.data.tags["git_commit"]) == 40
     assert run.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert len(client.get_metric_history(run.info.run_id, "head.loss")) == 1
+    # train_head, finetune and evaluate are three processes, one run: epochs logged live, once
+    assert run.info.status == "FINISHED" and run.data.tags["live.head"] == run.data.tags["live.finetune"]
     assert {"figures", "metrics.json", "classes.json", "config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)
     }
