@@ -5,6 +5,7 @@
     python -m src.train -m experiment=ci finetune.layers=0,2,4 # a Hydra multirun, one job per value
     python -m src.train -m experiment=ci finetune.layers=0,2 hydra/launcher=joblib  # parallel jobs
     python -m src.train -m experiment=ci hparams_search=finetune_optuna            # Optuna TPE
+    python -m src.train -m experiment=ci finetune.layers=0,2,4 hydra/launcher=ray   # jobs as Ray tasks
 
 Unlike `dvc repro`, this reads `conf/` directly (not params.yaml) and runs outside DVC, so
 DVC's cache does not serve it: prepared data and features are reused whenever their inputs
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +35,9 @@ from src import cache, download, evaluate, extract, finetune, prepare, stage, sw
 from src.config import ConfigError, resolve_path, validate
 
 log = logging.getLogger(__name__)
+# conf/hydra/launcher/ray.yaml takes the place of the Ray launcher's config of the same name, so
+# Hydra checks it against that config's schema: wanted here, not worth a warning on every sweep
+warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema", category=UserWarning)
 
 STAGES: list[tuple[str, Callable[[DictConfig], dict]]] = [
     ("download", download.run),
