@@ -84,6 +84,8 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync",
              "--window-size=1600,1200", "--virtual-time-budget=30000", f"--screenshot={args.out}", url],
             check=True, capture_output=True, timeout=180,
         )  # fmt: skip

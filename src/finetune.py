@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from src import datasets, distribute, live_metrics, models, precision, stage, training
+from src import datasets, distribute, live_metrics, models, optuna_trials, precision, stage, training
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
         result = training.fit_best(model, None, None, 0, model_path, history_path)
         return {**result, **summary}
     live = live_metrics.callback(cfg, "finetune") if distribute.is_chief() else None
+    callbacks = (live, optuna_trials.pruning_callback(optuna_trials.job_trial(cfg), "finetune"))
     batch = distribute.worker_batch(ft.batch_size, chosen)
     # None for bases with branches (ResNet50): then every epoch runs the whole network
     split = models.split_at(base, ft.layers) if ft.cached_activations else None
@@ -83,11 +84,24 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
             x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
         )
         val_data = datasets.batches(x_val, y_val, batch)
-        result = training.fit_best(model, train_data, val_data, epochs, model_path, history_path, live=live)
+        result = training.fit_best(
+            model, train_data, val_data, epochs, model_path, history_path, callbacks=callbacks
+        )
         return {**result, **summary}
     augmented = models.augmentation(cfg.augment, cfg.seed) is not None
     result = _fit_from_boundary(
-        cfg, split, head_model, model, model_path, history_path, n_classes, xla, augmented, steps, batch, live
+        cfg,
+        split,
+        head_model,
+        model,
+        model_path,
+        history_path,
+        n_classes,
+        xla,
+        augmented,
+        steps,
+        batch,
+        callbacks,
     )
     return {**result, **summary, "cached_activations": not augmented, "cached_validation": True}
 
@@ -104,7 +118,7 @@ def _fit_from_boundary(
     augmented: bool,
     decay_steps: int,
     batch: int,
-    live,
+    callbacks: tuple,
 ) -> dict:
     """The frozen bottom gives the same activations every epoch for images that are not
     augmented: compute them once and run only the unfrozen top and the head on them. Without
@@ -146,7 +160,7 @@ def _fit_from_boundary(
                 model_path,
                 history_path,
                 validation=validation,
-                live=live,
+                callbacks=callbacks,
             )
         x_train, y_train = data["train"]
         train_data = datasets.batches(
@@ -160,7 +174,7 @@ def _fit_from_boundary(
             model_path,
             history_path,
             final_model=model,
-            live=live,
+            callbacks=callbacks,
         )
 
 

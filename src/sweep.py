@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from src import tracking
+from src.optuna_trials import TRIAL_KEY
 from src.prepare import natural_key
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,14 @@ def mark_failed(parent: dict, run_id: str, err: BaseException) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
+def mark_pruned(parent: dict, run_id: str, reason: str) -> None:
+    """Record a job its Optuna pruner stopped: status KILLED, tag `optuna.state` PRUNED."""
+    client = _client(parent["tracking_uri"])
+    client.set_tag(run_id, "optuna.state", "PRUNED")
+    client.set_tag(run_id, "pruned", reason[:4000])
+    client.set_terminated(run_id, "KILLED")
+
+
 def _value(text: str) -> Any:
     """An override's value as a number when it is one (for sorting and plotting)."""
     try:
@@ -104,7 +113,7 @@ def summarize(uri: str, parent_run_id: str) -> pd.DataFrame:
 
 def swept_keys(frame: pd.DataFrame) -> list[str]:
     """Override keys whose value differs between jobs (all override keys for a single job)."""
-    fixed = {"job", "status", "error", "run_id", *METRICS}
+    fixed = {"job", "status", "error", "run_id", TRIAL_KEY, *METRICS}
     keys = [c for c in frame.columns if c not in fixed]
     varying = [k for k in keys if frame[k].astype(str).nunique() > 1]
     return varying or keys
@@ -186,7 +195,8 @@ class SweepCallback(Callback):
         (sweep_dir / "summary.md").write_text(to_markdown(frame))
         for path in [sweep_dir / "summary.csv", sweep_dir / "summary.md", *plot(frame, sweep_dir)]:
             client.log_artifact(parent["run_id"], str(path))
-        failed = int((frame["status"] != "FINISHED").sum()) if not frame.empty else 0
+        failed = int((frame["status"] == "FAILED").sum()) if not frame.empty else 0
+        pruned = int((frame["status"] == "KILLED").sum()) if not frame.empty else 0
         total = len(frame)
         best = frame.iloc[0] if total and frame.iloc[0]["status"] == "FINISHED" else None
         if best is not None:
@@ -194,8 +204,12 @@ class SweepCallback(Callback):
             client.set_tag(parent["run_id"], "best_run_id", best["run_id"])
         client.set_tag(parent["run_id"], "jobs", str(total))
         client.set_tag(parent["run_id"], "failed_jobs", str(failed))
+        client.set_tag(parent["run_id"], "pruned_jobs", str(pruned))
         client.set_terminated(parent["run_id"], "FAILED" if total and failed == total else "FINISHED")
         print(to_markdown(frame))
-        log.info("sweep done: %d jobs, %d failed; summary in %s", total, failed, sweep_dir / "summary.md")
+        log.info(
+            "sweep done: %d jobs, %d failed%s; summary in %s",
+            total, failed, f", {pruned} pruned" if pruned else "", sweep_dir / "summary.md",
+        )  # fmt: skip
         if failed:
             raise SystemExit(1)

@@ -4,7 +4,7 @@
     python -m src.train experiment=ci head.dropout=0.3         # a preset plus overrides
     python -m src.train -m experiment=ci finetune.layers=0,2,4 # a Hydra multirun, one job per value
     python -m src.train -m experiment=ci finetune.layers=0,2 hydra/launcher=joblib  # parallel jobs
-    python -m src.train -m experiment=ci hparams_search=finetune_optuna            # Optuna TPE
+    python -m src.train -m experiment=ci hparams_search=finetune_optuna            # Optuna, pruned
     python -m src.train -m experiment=ci finetune.layers=0,2,4 hydra/launcher=ray   # jobs as Ray tasks
 
 Unlike `dvc repro`, this reads `conf/` directly (not params.yaml) and runs outside DVC, so
@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from src import cache, download, evaluate, extract, finetune, prepare, stage, sweep, train_head
+from src import cache, download, evaluate, extract, finetune, optuna_trials, prepare, stage, sweep, train_head
 from src.config import ConfigError, resolve_path, validate
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,11 @@ def main(cfg: DictConfig) -> float:
                 cfg.tracking.run_id = run_id
         results = train(cfg)
     except Exception as err:  # one failing job must not end the sweep
+        if optuna_trials.is_pruned(err):
+            log.info("job %d: %s", hydra_cfg.job.num, err)
+            if parent is not None and run_id is not None:
+                sweep.mark_pruned(parent, run_id, str(err))
+            return math.nan
         log.error("job %d (%s) failed: %s", hydra_cfg.job.num, " ".join(overrides), err)
         if parent is not None and run_id is not None:
             sweep.mark_failed(parent, run_id, err)

@@ -12,7 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from src import datasets, distribute, live_metrics, models, precision, stage, training
+from src import datasets, distribute, live_metrics, models, optuna_trials, precision, stage, training
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
         model_dir.mkdir(parents=True, exist_ok=True)
         stage.write_json(model_dir / "classes.json", classes)  # the models' label names, for predict
         live = live_metrics.callback(cfg, "head") if h.epochs > 0 and distribute.is_chief() else None
+        pruning = optuna_trials.pruning_callback(optuna_trials.job_trial(cfg), "head")
         result = training.fit_best(
             model,
             train_data,
@@ -63,7 +64,7 @@ def run(cfg: DictConfig) -> dict:
             h.epochs,
             model_dir / "head.keras",
             distribute.output_dir(resolve_path(cfg.paths.reports) / "head") / "history.csv",
-            live=live,
+            callbacks=(live, pruning),
         )
     return {
         **result,

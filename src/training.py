@@ -80,12 +80,12 @@ def fit_best(
     history_path: Path,
     final_model=None,
     validation=None,
-    live=None,
+    callbacks: tuple = (),
 ) -> dict:
     """Train, keep the weights of the epoch with the lowest val_loss, save the model (or
     `final_model`, which shares the trained layers) and the history. `validation` (from
-    `validate_with`) scores each epoch instead of `val_data`; `live` (from
-    `src.live_metrics.callback`) is called last at each epoch's end, with all its metrics."""
+    `validate_with`) scores each epoch instead of `val_data`; `callbacks` (live MLflow metrics,
+    Optuna pruning; None entries skipped) come last, so they see each epoch's every metric."""
     import keras
 
     rows: list[dict] = []
@@ -98,7 +98,7 @@ def fit_best(
             )
             timer = _epoch_timer(keras)
             batches = progress.keras_callback(validation_steps=progress.batch_count(val_data))
-            callbacks = [c for c in (validation, callback, timer, batches, live) if c is not None]
+            callbacks = [c for c in (validation, callback, timer, batches, *callbacks) if c is not None]
             chosen = model.distribute_strategy
             if distribute.is_multi_worker(chosen):  # Keras 3's fit cannot run it
                 history = distribute.fit_multi_worker(model, chosen, train_data, val_data, epochs, callbacks)
