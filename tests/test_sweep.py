@@ -3,19 +3,20 @@ joblib and Optuna) logging a parent run with one child per job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from src import cache, compare, prepare, sweep, tracking
+from src import cache, compare, prepare, sweep, tracking, tracking_server
 from src.config import REPO_ROOT, project_root
 from tests.conftest import SHARED, make_cfg, path_overrides, require_shared
 
@@ -174,29 +175,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def mlflow_server(store_uri: str) -> Iterator[str]:
+    """`mlflow server` over `store_uri` on a free loopback port while the block runs; yields its URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        tracking_server.wait_until_up(f"http://127.0.0.1:{port}", server, timeout=90)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_mlflow_server_serves_the_sweep_over_rest(basic_sweep):
     """The MLflow tracking server, on a loopback port over the sweep's store, answers REST
     queries for the parent run, its children and their metrics."""
     _, _, _, parent = basic_sweep
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", parent["tracking_uri"],
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+    with mlflow_server(parent["tracking_uri"]) as base:
 
         def api(path: str, body: dict | None = None) -> dict:
             request = urllib.request.Request(
@@ -224,9 +225,6 @@ def test_mlflow_server_serves_the_sweep_over_rest(basic_sweep):
             assert 0.0 <= metrics["val.accuracy"] <= 1.0 and 0.0 <= metrics["test.accuracy"] <= 1.0
         history = api(f"metrics/get-history?run_id={finished[0]['info']['run_id']}&metric_key=head.val_loss")
         assert len(history["metrics"]) >= 1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -274,22 +272,7 @@ def test_the_mlflow_ui_compares_the_sweeps_child_runs_in_headless_chromium(basic
     _, _, client, parent = basic_sweep
     finished = [r for r in children(client, parent) if r.info.status == "FINISHED"]
     assert len(finished) == 2
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", parent["tracking_uri"],
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with mlflow_server(parent["tracking_uri"]) as base:
         query = urllib.parse.urlencode(
             {
                 "runs": json.dumps([r.info.run_id for r in finished]),
@@ -302,9 +285,6 @@ def test_the_mlflow_ui_compares_the_sweeps_child_runs_in_headless_chromium(basic
              "--virtual-time-budget=30000", "--dump-dom", f"{base}/#/compare-runs?{query}"],
             capture_output=True, text=True, timeout=240,
         )  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     page = rendered.stdout
     assert "Comparing 2 Runs" in page or "Comparing 2 runs" in page, page[-2000:]
     for run in finished:
