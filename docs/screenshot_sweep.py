@@ -1,10 +1,13 @@
 """Capture the MLflow UI's run-comparison view of a sweep as a PNG (headless Chromium).
 
     python docs/screenshot_sweep.py [--parent RUN_ID] [--tracking-uri URI] [--out docs/sweep_compare.png]
+        [--metrics val.accuracy,test.accuracy]
 
 Starts `mlflow server` on a free loopback port over the store (default: the project's
-`mlruns/mlflow.db`), opens the comparison of the sweep's child runs (default: the latest sweep)
-in Debian's `chromium --headless`, saves the screenshot and stops the server.
+`mlruns/mlflow.db`), opens the comparison of the sweep's finished child runs (default: the
+latest sweep) in Chromium driven by Playwright (`pip install playwright`; the system's
+`chromium`, no browser download), sets the parallel-coordinates plot to the swept keys against
+the metrics, saves the screenshot and stops the server.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -23,7 +25,11 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src import compare, tracking  # noqa: E402
+from src import compare, sweep, tracking, tracking_server  # noqa: E402
+
+# No background connections: the machine may have no network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -32,15 +38,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, server: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server did not answer at {url}")
+def capture(browser: str, url: str, params: list[str], metrics: list[str], out: Path) -> None:
+    """Open the comparison page, keep only `params` and `metrics` in its parallel-coordinates
+    plot, close the assistant panel and save a screenshot."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=browser, args=CHROMIUM_ARGS)
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_text("Parallel Coordinates Plot").wait_for(timeout=60_000)
+        page.get_by_label("Close").first.click()  # the assistant panel
+        for label, wanted in (("Parameters", params), ("Metrics", metrics)):
+            box = page.locator(f"div:text-is('{label}:') + div")  # the plot's multi-select
+            chips = box.locator(".du-bois-light-select-selection-item")
+            for name in chips.all_inner_texts():
+                if name not in wanted:
+                    chips.filter(has_text=name).locator(".du-bois-light-select-selection-item-remove").click()
+            for name in wanted:
+                if name not in chips.all_inner_texts():
+                    box.click()
+                    page.keyboard.type(name)
+                    page.keyboard.press("Enter")
+                    page.keyboard.press("Escape")
+        page.wait_for_timeout(1000)  # the plot redraws
+        page.screenshot(path=str(out))
+        chromium.close()
 
 
 def main() -> int:
@@ -51,6 +74,7 @@ def main() -> int:
     parser.add_argument("--parent", help="the sweep's parent run id (default: the latest sweep)")
     parser.add_argument("--experiment", default=compare.DEFAULT_EXPERIMENT)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("sweep_compare.png"))
+    parser.add_argument("--metrics", default="val.accuracy,test.accuracy", help="comma-separated")
     args = parser.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -67,6 +91,8 @@ def main() -> int:
     experiment_id = client.get_run(parent).info.experiment_id
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     run_ids = [r.info.run_id for r in children if r.info.status == "FINISHED"]
+    swept = sweep.swept_keys(sweep.summarize(args.tracking_uri, parent))
+    metrics = args.metrics.split(",")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.tracking_uri,
@@ -75,20 +101,13 @@ def main() -> int:
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for(f"{base}/health", server)
+        tracking_server.wait_until_up(base, server, timeout=90)
         query = urllib.parse.urlencode(
             {"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])},
             quote_via=urllib.parse.quote,
         )
-        url = f"{base}/#/compare-runs?{query}"
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync",
-             "--window-size=1600,1200", "--virtual-time-budget=30000", f"--screenshot={args.out}", url],
-            check=True, capture_output=True, timeout=180,
-        )  # fmt: skip
+        capture(browser, f"{base}/#/compare-runs?{query}", swept, metrics, args.out)
     finally:
         server.terminate()
         server.wait(timeout=30)
