@@ -38,7 +38,10 @@ from src.config import STRATEGIES, ConfigError
 log = logging.getLogger(__name__)
 
 
-def shard() -> tuple[int, int]:
+_multi_worker: list[bool] = [False]  # set once this process has joined a multi-worker strategy
+
+
+def cluster_position() -> tuple[int, int]:
     """(this worker's number, worker count) from TF_CONFIG: the chief is 0, then the workers in
     order; (0, 1) for a process on its own."""
     spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
@@ -48,6 +51,12 @@ def shard() -> tuple[int, int]:
         return 0, 1
     number = int(task.get("index", 0)) + (chiefs if task.get("type") == "worker" else 0)
     return number, count
+
+
+def shard() -> tuple[int, int]:
+    """This process's share of the training batches: `cluster_position()` in a multi-worker run,
+    else (0, 1), whatever TF_CONFIG says."""
+    return cluster_position() if _multi_worker[0] else (0, 1)
 
 
 def is_chief() -> bool:
@@ -82,7 +91,9 @@ def _create(name: str, logical_cpus: int):
         if not os.environ.get("TF_CONFIG"):
             raise ConfigError("train.strategy=multi_worker needs TF_CONFIG (the cluster and this task) set")
         try:
-            return tf.distribute.MultiWorkerMirroredStrategy()
+            chosen = tf.distribute.MultiWorkerMirroredStrategy()
+            _multi_worker[0] = True
+            return chosen
         except (RuntimeError, ValueError) as err:
             raise ConfigError(f"train.strategy=multi_worker could not start: {err}") from err
     gpus = tf.config.list_logical_devices("GPU")

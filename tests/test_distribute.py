@@ -156,5 +156,7 @@ def test_the_chief_is_worker_zero_or_the_chief_task(monkeypatch, tf_config, expe
         monkeypatch.delenv("TF_CONFIG", raising=False)
     else:
         monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
-    assert distribute.shard() == expected
-    assert distribute.is_chief() == (expected[0] == 0)
+    assert distribute.cluster_position() == expected
+    assert distribute.shard() == (0, 1) and distribute.is_chief()  # TF_CONFIG alone shards nothing
+    monkeypatch.setattr(distribute, "_multi_worker", [True])  # as after joining a multi-worker strategy
+    assert distribute.shard() == expected and distribute.is_chief() == (expected[0] == 0)
