@@ -44,10 +44,19 @@ def parent_of(sweep_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def fixed_keys(overrides: list[str]) -> set[str]:
+    """The keys a multirun's command line sets to one value (not a sweep such as `a=1,2`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.get_key_element().lstrip("+~") for o in parsed if not o.is_sweep_override()}
+
+
 def start_child(cfg: DictConfig, parent: dict, overrides: list[str], job: int) -> str:
     """Create the child run of job `job` (status RUNNING); evaluate logs into it later."""
     client = _client(parent["tracking_uri"])
-    varying = [o for o in overrides if o not in parent.get("overrides", [])]  # the swept values
+    fixed = fixed_keys(parent.get("overrides", []))
+    varying = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]  # the swept values
     run = client.create_run(
         parent["experiment_id"],
         run_name=f"job{job}: {' '.join(varying or overrides)}"[:250],

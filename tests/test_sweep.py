@@ -290,3 +290,21 @@ def test_the_mlflow_ui_compares_the_sweeps_child_runs_in_headless_chromium(basic
     for run in finished:
         assert run.info.run_name in page  # each child run, by its job's overrides
     assert ">finetune.layers<" in page and ">test.accuracy<" in page  # the swept key and the metric
+
+
+def test_child_runs_are_named_by_their_swept_values_only(tmp_path):
+    """Values the command line fixes are left out of child run names, however Hydra re-spells
+    them in the job's overrides (spaces dropped, characters escaped)."""
+    from src.config import compose
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("names")
+    command = ["experiment=ci", "dataset.limit_per_class={train: 150, val: 75}", "finetune.layers=4,8",
+               f"tracking.uri={uri}"]  # fmt: skip
+    parent = {"run_id": client.create_run(experiment_id).info.run_id, "experiment_id": experiment_id,
+              "tracking_uri": uri, "overrides": command}  # fmt: skip
+    job = ["experiment=ci", "dataset.limit_per_class={train:150,val:75}", "finetune.layers=8",
+           f"tracking.uri={uri.replace(':', chr(92) + ':')}", "+optuna_trial_id=3"]  # fmt: skip
+    run_id = sweep.start_child(compose(["experiment=ci"]), parent, job, 1)
+    assert client.get_run(run_id).info.run_name == "job1: finetune.layers=8 +optuna_trial_id=3"
