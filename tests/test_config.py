@@ -37,6 +37,12 @@ def test_presets_encode_their_recipes():
     assert (dlwp.finetune.layers, dlwp.finetune.learning_rate, dlwp.augment.flip) == (4, 1e-5, "horizontal")
     gtsrb = compose(["experiment=gtsrb_finetune"])
     assert gtsrb.finetune.layers == 8 and gtsrb.dataset.test_labels_csv == "Test.csv"
+    assert (gtsrb.dataset.image_size, gtsrb.head.epochs, gtsrb.finetune.epochs) == (128, 30, 60)
+    assert (gtsrb.finetune.optimizer, gtsrb.finetune.learning_rate, gtsrb.augment.flip) == (
+        "adam",
+        1e-4,
+        None,
+    )
     assert dict(gtsrb.dataset.limit_per_class) == {"train": 28, "val": 12, "test": None}
     flowers = compose(["experiment=flowers_resnet50"])
     assert (flowers.model.name, list(flowers.head.units), flowers.head.batchnorm) == (
