@@ -5,7 +5,12 @@ The datasets and ImageNet weights come from the `shared/` folder beside the repo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +57,28 @@ def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
 def shared() -> Path:
     require_shared()
     return SHARED
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_postgres() -> Iterator[str]:
+    """A real PostgreSQL (`src.tracking_server`) on a free loopback port for the block; yields its
+    URI. Skips the test when the server binaries or the driver are missing."""
+    from src import tracking_server
+
+    if tracking_server.postgres_bindir() is None:
+        pytest.skip("PostgreSQL's server binaries are not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[server]'")
+    data = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "data"
+    data.parent.chmod(0o755)  # reachable by the postgres user when the tests run as root
+    try:
+        yield tracking_server.start_postgres(data, free_port())
+    finally:
+        tracking_server.stop_postgres(data)
+        shutil.rmtree(data.parent, ignore_errors=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import pytest
 from src import datasets, distribute, stage
 from src.config import REPO_ROOT
 from src.train import STAGES
-from tests.conftest import make_cfg, require_shared
+from tests.conftest import free_port, make_cfg, require_shared
 
 # Same data, same order, same initial weights, no dropout or augmentation (whose random draws
 # differ per replica): the runs differ only in how float32 sums are ordered across replicas.
@@ -40,12 +39,6 @@ tuned = finetune.run(cfg) if cfg.finetune.epochs else None
 print("RESULT " + json.dumps({"head": head["best"], "finetune": tuned and tuned["best"],
                               "replicas": head["replicas"]}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(cfg, work, *extra: str) -> list[str]:

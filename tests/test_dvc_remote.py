@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED, require_shared
+from tests.conftest import SHARED, free_port, require_shared
 from tests.test_dvc_pipeline import copy_repo, ran_stages, run_queue, sh
 
 pytestmark = pytest.mark.slow
@@ -22,13 +21,6 @@ pytestmark = pytest.mark.slow
 BUCKET = "dvc-store"
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 EXPENSIVE = ("download", "prepare", "extract")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

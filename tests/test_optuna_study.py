@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from src import sweep, tracking_server
+from src import sweep
 from src.config import REPO_ROOT
-from tests.conftest import SHARED, path_overrides, require_shared
-from tests.test_sweep import children, free_port
+from tests.conftest import SHARED, local_postgres, path_overrides, require_shared
+from tests.test_sweep import children
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +43,8 @@ def child_runs(tmp_path: Path, name: str):
 
 @pytest.fixture
 def postgres():
-    if tracking_server.postgres_bindir() is None:
-        pytest.skip("PostgreSQL's server binaries are not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[server]'")
-    data = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "data"
-    data.parent.chmod(0o755)  # reachable by the postgres user when the tests run as root
-    uri = tracking_server.start_postgres(data, free_port())
-    try:
+    with local_postgres() as uri:
         yield uri
-    finally:
-        tracking_server.stop_postgres(data)
-        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 def test_two_workers_share_one_study_in_postgres(tmp_path, postgres):

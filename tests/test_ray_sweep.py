@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sweep import children, free_port, job_logs, run_sweep
+from tests.conftest import free_port
+from tests.test_sweep import children, job_logs, run_sweep
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 from src import predict
-from tests.conftest import CATS_DOGS, require_shared
+from tests.conftest import CATS_DOGS, free_port, require_shared
 from tests.test_registered_model import CLASSES, NAME, log_run, registry_cfg
 from tests.test_tracking_keys import SIZE, tiny_model
 
@@ -47,12 +46,6 @@ def fitted_model() -> tuple[object, float]:
     _, images, _ = predict.read_images(files, SIZE)
     _, accuracy = model.evaluate(images.astype(np.float32), labels, verbose=0)
     return model, float(accuracy)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def request(url: str, payload: dict | None = None) -> tuple[int, dict | str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ from mlflow import MlflowClient
 
 from src import cache, compare, prepare, sweep, tracking, tracking_server
 from src.config import REPO_ROOT, project_root
-from tests.conftest import SHARED, make_cfg, path_overrides, require_shared
+from tests.conftest import SHARED, free_port, make_cfg, path_overrides, require_shared
 
 # --- cache keys ----------------------------------------------------------------------------
 
@@ -167,12 +166,6 @@ def test_multirun_logs_parent_children_reuses_features_and_survives_a_failing_jo
     logs = job_logs(tmp_path)  # each job logs to its own file (and to stdout)
     assert logs.count("extract: building") == 1 and logs.count("extract: reusing") == 1
     assert client.get_run(parent["run_id"]).data.tags["failed_jobs"] == "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

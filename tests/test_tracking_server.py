@@ -5,25 +5,15 @@ artifacts and registered model read back over MLflow's REST API."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import tempfile
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from src import tracking_server
 from src.config import compose, validate
 from src.train import train
-from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, path_overrides, require_shared
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, free_port, local_postgres, path_overrides, require_shared
 
 
 def rest(url: str, endpoint: str, **query) -> dict:
@@ -33,21 +23,13 @@ def rest(url: str, endpoint: str, **query) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if tracking_server.postgres_bindir() is None:
-        pytest.skip("PostgreSQL's server binaries are not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[server]'")
     tmp = tmp_path_factory.mktemp("server")
-    pg_dir = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "data"
-    pg_dir.parent.chmod(0o755)  # reachable by the postgres user when the tests run as root
-    backend = tracking_server.start_postgres(pg_dir, free_port())
-    try:
-        port = free_port()
-        artifacts = tmp / "artifacts"
-        with tracking_server.running_server(backend, str(artifacts), port, tmp / "server.log") as url:
-            yield url, backend, artifacts, tmp
-    finally:
-        tracking_server.stop_postgres(pg_dir)
-        shutil.rmtree(pg_dir.parent, ignore_errors=True)
+    artifacts = tmp / "artifacts"
+    with (
+        local_postgres() as backend,
+        tracking_server.running_server(backend, str(artifacts), free_port(), tmp / "server.log") as url,
+    ):
+        yield url, backend, artifacts, tmp
 
 
 @pytest.mark.slow
