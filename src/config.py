@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from src.atomic import atomic_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -84,10 +85,8 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def write_params(cfg: DictConfig, path: Path = PARAMS_FILE) -> Path:
     """Write `cfg` to `path` atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(to_yaml(cfg), encoding="utf-8")
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from src import datasets, distribute, live_metrics, models, optuna_trials, precision, stage, training
+from src import datasets, distribute, fit, live_metrics, models, optuna_trials, precision, stage
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict:
     if not is_pretrained(cfg):
         log.info("%s was trained from scratch in train_head: passing it on", cfg.model.name)
         head_model = keras.saving.load_model(model_dir / "head.keras")
-        result = training.fit_best(head_model, None, None, 0, model_dir / "final.keras", history_path)
+        result = fit.fit_best(head_model, None, None, 0, model_dir / "final.keras", history_path)
         return {**result, "unfrozen": []}
 
     classes = datasets.load_classes(cfg)
@@ -70,7 +70,7 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
     model_path = distribute.output_dir(model_dir) / "final.keras"  # the chief's, or a worker's scratch
     history_path = distribute.output_dir(history_path.parent) / history_path.name
     if not epochs:
-        result = training.fit_best(model, None, None, 0, model_path, history_path)
+        result = fit.fit_best(model, None, None, 0, model_path, history_path)
         return {**result, **summary}
     live = live_metrics.callback(cfg, "finetune") if distribute.is_chief() else None
     callbacks = (live, optuna_trials.pruning_callback(optuna_trials.job_trial(cfg), "finetune"))
@@ -84,7 +84,7 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
             x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
         )
         val_data = datasets.batches(x_val, y_val, batch)
-        result = training.fit_best(
+        result = fit.fit_best(
             model, train_data, val_data, epochs, model_path, history_path, callbacks=callbacks
         )
         return {**result, **summary}
@@ -151,8 +151,8 @@ def _fit_from_boundary(
             train_data = datasets.batches(
                 x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
             )
-            validation = training.validate_with(top_and_head, val_data)
-            return training.fit_best(
+            validation = fit.validate_with(top_and_head, val_data)
+            return fit.fit_best(
                 model,
                 train_data,
                 None,
@@ -166,7 +166,7 @@ def _fit_from_boundary(
         train_data = datasets.batches(
             x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
         )
-        return training.fit_best(
+        return fit.fit_best(
             top_and_head,
             train_data,
             val_data,

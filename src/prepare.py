@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from src import cache, stage
+from src.atomic import atomic_file
 from src.config import resolve_input, resolve_path
 from src.download import list_folder, walk_files
 from src.stage import StageError
@@ -565,13 +566,14 @@ def _compact(path: Path, keep: np.ndarray) -> None:
         return
     images = np.load(path, mmap_mode="r")
     rows = np.flatnonzero(keep)
-    tmp = path.with_name(f".{path.name}")
-    compact = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
-    for start in range(0, len(rows), COMPACT_ROWS):
-        compact[start : start + COMPACT_ROWS] = images[rows[start : start + COMPACT_ROWS]]
-    compact.flush()
-    del compact, images
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        compact = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:])
+        )
+        for start in range(0, len(rows), COMPACT_ROWS):
+            compact[start : start + COMPACT_ROWS] = images[rows[start : start + COMPACT_ROWS]]
+        compact.flush()
+        del compact, images
 
 
 def find_leakage(

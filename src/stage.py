@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from src.atomic import TEMP_TAG, atomic_file, temp_name
 from src.config import ConfigError, load_params, resolve_path, validate
 
 log = logging.getLogger("src")
@@ -29,12 +30,9 @@ class StageError(RuntimeError):
 
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically: a temp file beside `path`, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_name(path.name), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -81,12 +79,6 @@ def main(name: str, run: Callable[[DictConfig], dict]) -> None:
 
 
 MARKER = ".pipeline-output"  # in every folder the pipeline builds: only those it may replace
-TEMP_TAG = ".tmp-"  # temp entries are named `.<name>.tmp-<pid>-<random>` beside what they become
-
-
-def temp_name(name: str) -> str:
-    """The prefix of a temp entry for `name`, carrying this process's id for `clean_stale`."""
-    return f".{name}{TEMP_TAG}{os.getpid()}-"
 
 
 def staging_dir(final: Path) -> Path:

@@ -12,7 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from src import datasets, distribute, live_metrics, models, optuna_trials, precision, stage, training
+from src import datasets, distribute, fit, live_metrics, models, optuna_trials, precision, stage
 from src.config import is_pretrained, resolve_path
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
         stage.write_json(model_dir / "classes.json", classes)  # the models' label names, for predict
         live = live_metrics.callback(cfg, "head") if h.epochs > 0 and distribute.is_chief() else None
         pruning = optuna_trials.pruning_callback(optuna_trials.job_trial(cfg), "head")
-        result = training.fit_best(
+        result = fit.fit_best(
             model,
             train_data,
             val_data,

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from src import datasets, models, progress, training
+from src import datasets, fit, models, progress
 
 LINE = re.compile(
     r"^(?P<label>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+%\), [\d.]+ \w+/s, ETA \S+$"
@@ -92,7 +92,7 @@ def test_fit_best_logs_batches_of_each_epoch_and_its_validation(tmp_path, every_
     x, y = rng.normal(size=(10, 8)).astype("float32"), rng.integers(0, 2, size=10)
     model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(1, activation="sigmoid")])
     models.compile_model(model, 2, "adam", 1e-3)
-    training.fit_best(
+    fit.fit_best(
         model,
         datasets.batches(x, y, 4, shuffle=True),
         datasets.batches(x[:6], y[:6], 4),

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from src import cache, download, hashing, stage
+from src.atomic import atomic_file
 from src.config import PARAMS_FILE, REPO_ROOT, ConfigError, compose, validate
 from tests import corpus
 from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, make_cfg, path_overrides, require_shared
@@ -255,6 +256,31 @@ def test_temp_folders_of_killed_runs_are_removed_live_ones_kept(tmp_path):
         assert not left.exists() and mine.is_dir()  # ours is live: kept
     staging = stage.staging_dir(tmp_path / "features")
     assert stage.clean_stale(tmp_path) == [] and staging.is_dir()
+
+
+def test_atomic_writes_leave_the_old_file_whole_on_error_and_no_temp_behind(tmp_path):
+    target = tmp_path / "reports" / "head.json"
+    stage.write_json(target, {"epochs": 3})
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text('{"epo')  # half written when the writer fails
+        raise RuntimeError("disk full")
+    assert json.loads(target.read_text()) == {"epochs": 3}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["head.json"]
+    code = (  # a writer killed mid-file leaves its temp entry; the next clean removes it
+        "import sys; from pathlib import Path; from src.atomic import atomic_file\n"
+        "with atomic_file(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_text('half'); print(tmp, flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(target)],
+        cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    left = Path(proc.stdout.readline().strip())
+    assert left.parent == target.parent and left.read_text() == "half"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert stage.clean_stale(target.parent) == [left]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["head.json"]
 
 
 def test_timed_run_cleans_what_a_killed_extract_left(tmp_path):

@@ -5,14 +5,13 @@ stdout is not a terminal, progress lines within each epoch are logged (`src.prog
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from src import distribute, progress, stage
+from src.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
@@ -20,20 +19,15 @@ HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "sec
 
 def save_model(model, path: Path) -> Path:
     """Save a Keras model to `path` (.keras) via a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=stage.temp_name(path.stem), suffix=".keras")
-    os.close(fd)
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        model.save(tmp)
     return path
 
 
 def write_history(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Write the per-epoch history (`HISTORY_COLUMNS`) as CSV, atomically."""
+    with atomic_file(path) as tmp:
+        pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
     return path
 
 
