@@ -54,8 +54,9 @@ def costs(rounds: int) -> tuple[dict[str, float], str, int]:
     import keras
     import tensorflow as tf
 
-    from src import models, precision
-    from src.config import compose
+    from src.config.compose import compose
+    from src.fitting import precision
+    from src.models import networks
 
     cfg = compose(
         [
@@ -67,16 +68,16 @@ def costs(rounds: int) -> tuple[dict[str, float], str, int]:
     policy = precision.use(cfg.train.precision)
     size = cfg.dataset.image_size
     images, labels = real_images(size)
-    base = models.conv_base(cfg.model, size)
-    head = models.head(cfg.head, base.output_shape[1:], 2)
-    models.unfreeze_top(base, cfg.finetune.layers)
-    model = models.full_model(base, head, cfg.model, cfg.augment, cfg.seed)
-    models.compile_model(model, 2, cfg.finetune.optimizer, cfg.finetune.learning_rate)
-    bottom, top = models.split_at(base, cfg.finetune.layers)
+    base = networks.conv_base(cfg.model, size)
+    head = networks.head(cfg.head, base.output_shape[1:], 2)
+    networks.unfreeze_top(base, cfg.finetune.layers)
+    model = networks.full_model(base, head, cfg.model, cfg.augment, cfg.seed)
+    networks.compile_model(model, 2, cfg.finetune.optimizer, cfg.finetune.learning_rate)
+    bottom, top = networks.split_at(base, cfg.finetune.layers)
     inputs = keras.Input(top.input_shape[1:])
     top_and_head = keras.Model(inputs, head(top(inputs)))  # shares the fine-tuned layers
-    models.compile_model(top_and_head, 2, cfg.finetune.optimizer, cfg.finetune.learning_rate)
-    preprocess = models.preprocessing(cfg.model)
+    networks.compile_model(top_and_head, 2, cfg.finetune.optimizer, cfg.finetune.learning_rate)
+    preprocess = networks.preprocessing(cfg.model)
 
     @tf.function
     def forward(x):  # what extract and predict run

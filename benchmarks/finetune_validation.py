@@ -31,8 +31,9 @@ SHARED = Path(os.environ.get("TL_SHARED_DIR", REPO.parent / "shared")).resolve()
 
 def setup(work: Path, n_train: int, n_val: int, size: int):
     """The recipe's config with prepared images, features and a trained head under `work`."""
-    from src import download, extract, prepare, train_head
-    from src.config import compose, validate
+    from src.config.checks import validate
+    from src.config.compose import compose
+    from src.stages import download, extract, prepare, train_head
 
     cfg = validate(
         compose(
@@ -65,7 +66,7 @@ def one_run(cfg, work: Path, cached: bool, tag: str) -> tuple[float, float, np.n
     import pandas as pd
     from omegaconf import OmegaConf
 
-    from src import finetune
+    from src.stages import finetune
 
     run_cfg = OmegaConf.merge(
         cfg,

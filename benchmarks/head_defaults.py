@@ -59,8 +59,9 @@ VARIANTS = {
 
 def features_for(name: str, work: Path, size: int):
     """The config of dataset `name` prepared and extracted under `work/name` (once)."""
-    from src import download, extract, prepare, stage
-    from src.config import compose, validate
+    from src.config.checks import validate
+    from src.config.compose import compose
+    from src.stages import download, extract, prepare, stage
 
     folder, extra = DATASETS[name]
     out = work / name
@@ -92,15 +93,16 @@ def score_head(cfg, variant: list[str]) -> tuple[float, int]:
     import keras
     from omegaconf import OmegaConf
 
-    from src import datasets, evaluate, train_head
-    from src.config import validate
+    from src.config.checks import validate
+    from src.data import arrays
+    from src.stages import evaluate, train_head
 
     run_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(variant))
     validate(run_cfg)
     result = train_head.run(run_cfg)
     model = keras.saving.load_model(Path(run_cfg.paths.models) / "head.keras")
-    x, y = datasets.load_features(run_cfg, "test")
-    scores, _ = evaluate.score(model, x, y, len(datasets.load_classes(run_cfg)), 64)
+    x, y = arrays.load_features(run_cfg, "test")
+    scores, _ = evaluate.score(model, x, y, len(arrays.load_classes(run_cfg)), 64)
     return scores["accuracy"], result["best"]["epoch"]
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from src import live_metrics, models
-from src.config import compose
+from src.config.compose import compose
+from src.models import networks
+from src.tracking import live_metrics
 
 
 def epoch_seconds(cfg, x, y, epochs: int, live: bool) -> tuple[float, float]:
@@ -27,8 +28,8 @@ def epoch_seconds(cfg, x, y, epochs: int, live: bool) -> tuple[float, float]:
     import keras
 
     keras.utils.set_random_seed(0)
-    model = models.head(cfg.head, x.shape[1:], 2)
-    models.compile_model(model, 2, "adam", 1e-3)
+    model = networks.head(cfg.head, x.shape[1:], 2)
+    networks.compile_model(model, 2, "adam", 1e-3)
     callback = live_metrics.callback(cfg, "head") if live else None
     spent: list[float] = []
     if callback is not None:  # time the callback's own work inside each epoch

@@ -35,13 +35,14 @@ def test_probabilities(work: Path) -> np.ndarray:
     """The final model's probabilities for the run's prepared test images."""
     import keras
 
-    from src import datasets, models
+    from src.data import arrays
+    from src.models import networks
 
     prepared = next(p for p in (work / "cache" / "prepare").iterdir() if p.is_dir())  # beside lock files
-    images, _ = datasets.load_split(prepared, "images", "test")
+    images, _ = arrays.load_split(prepared, "images", "test")
     model = keras.saving.load_model(work / "models" / "final.keras")
-    raw = model.predict(datasets.batches(images, None, 32), verbose=0)
-    return models.probabilities(raw)
+    raw = model.predict(arrays.batches(images, None, 32), verbose=0)
+    return networks.probabilities(raw)
 
 
 def main() -> None:

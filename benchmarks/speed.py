@@ -76,7 +76,7 @@ def reference_loop(folder: Path, size: int) -> float:
 
 
 def prepared_cfg(work: Path, folder: Path, size: int):
-    from src.config import compose
+    from src.config.compose import compose
 
     return compose(
         [
@@ -96,7 +96,7 @@ def prepared_cfg(work: Path, folder: Path, size: int):
 
 def extract_stage(work: Path, folder: Path, size: int) -> tuple[float, str]:
     """(b) img/s of the extract stage on the prepared images, and the policy it chose."""
-    from src import download, extract, prepare
+    from src.stages import download, extract, prepare
 
     cfg = prepared_cfg(work, folder, size)
     download.run(cfg)
@@ -125,7 +125,7 @@ def finetune_rates(work: Path, folder: Path, size: int) -> dict[tuple[str, bool]
     import pandas as pd
     from omegaconf import OmegaConf
 
-    from src import finetune, train_head
+    from src.stages import finetune, train_head
 
     cfg = prepared_cfg(work, folder, size)
     train_head.run(cfg)
@@ -179,7 +179,7 @@ def rss_child(prepared: str, size: int) -> None:
     """Run the extract stage on a prepared folder in this fresh process; print peak RSS (MiB)."""
     from omegaconf import open_dict
 
-    from src import extract
+    from src.stages import extract
 
     work = Path(prepared).parent
     cfg = prepared_cfg(work, work, size)
@@ -225,7 +225,7 @@ def main() -> None:
         rss_child(args.rss_child, args.size)
         return
 
-    from src import precision
+    from src.fitting import precision
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

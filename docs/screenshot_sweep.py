@@ -25,7 +25,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src import compare, sweep, tracking, tracking_server  # noqa: E402
+from src import compare
+from src.tracking import store, sweep
 
 # No background connections: the machine may have no network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
@@ -70,7 +71,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tracking-uri", default=tracking.default_uri())
+    parser.add_argument("--tracking-uri", default=store.default_uri())
     parser.add_argument("--parent", help="the sweep's parent run id (default: the latest sweep)")
     parser.add_argument("--experiment", default=compare.DEFAULT_EXPERIMENT)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("sweep_compare.png"))
@@ -101,7 +102,7 @@ def main() -> int:
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        tracking_server.wait_until_up(base, server, timeout=90)
+        server.wait_until_up(base, server, timeout=90)
         query = urllib.parse.urlencode(
             {"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])},
             quote_via=urllib.parse.quote,

@@ -17,7 +17,7 @@ import sys
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from src import sweep, tracking
+from src.tracking import store, sweep
 
 DEFAULT_EXPERIMENT = "transfer-learning"
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "target", nargs="?", default=DEFAULT_EXPERIMENT, help="parent run id or experiment name"
     )
     parser.add_argument(
-        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_uri()
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or store.default_uri()
     )
     args = parser.parse_args(argv)
     client = MlflowClient(args.tracking_uri)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from src.config import PARAMS_FILE, ConfigError, compose, validate, write_params
+from src.config.checks import validate
+from src.config.compose import compose, write_params
+from src.config.paths import PARAMS_FILE
+from src.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from src import cache, download, evaluate, extract, finetune, optuna_trials, prepare, stage, sweep, train_head
-from src.config import ConfigError, resolve_path, validate
+from src import errors
+from src.config.checks import validate
+from src.config.paths import resolve_path
+from src.errors import ConfigError
+from src.fitting import optuna_trials
+from src.outputs import reuse
+from src.stages import download, evaluate, extract, finetune, prepare, stage, train_head
+from src.tracking import sweep
 
 log = logging.getLogger(__name__)
 # conf/hydra/launcher/ray.yaml takes the place of the Ray launcher's config of the same name, so
@@ -50,7 +56,7 @@ STAGES: list[tuple[str, Callable[[DictConfig], dict]]] = [
 
 
 def _reusing(name: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
-    return lambda cfg: cache.reuse_or_run(cfg, name, run)
+    return lambda cfg: reuse.reuse_or_run(cfg, name, run)
 
 
 def train(cfg: DictConfig) -> dict[str, dict]:
@@ -59,7 +65,7 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     validate(cfg)
     results = {}
     # one job at a time fetches the source and finds or builds its prepared data
-    with cache.lock(resolve_path(cfg.paths.cache) / "download.lock"):
+    with reuse.lock(resolve_path(cfg.paths.cache) / "download.lock"):
         results["download"] = stage.timed_run("download", download.run, cfg)
         results["prepare"] = stage.timed_run("prepare", _reusing("prepare", prepare.run), cfg)
     results["extract"] = stage.timed_run("extract", _reusing("extract", extract.run), cfg)
@@ -86,7 +92,7 @@ def main(cfg: DictConfig) -> float:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
             results = train(cfg)
-        except (ConfigError, stage.StageError) as err:
+        except (ConfigError, errors.StageError) as err:
             log.error("%s", err)
             sys.exit(2 if isinstance(err, ConfigError) else 1)
         return validation_accuracy(results)

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from src.config import REPO_ROOT, compose, validate
+from src.config.checks import validate
+from src.config.compose import compose
+from src.config.paths import REPO_ROOT
 
 SHARED = Path(os.environ.get("TL_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
 CATS_DOGS = SHARED / "data" / "cats_vs_dogs"
@@ -70,15 +72,15 @@ def free_port() -> int:
 def local_postgres() -> Iterator[str]:
     """A real PostgreSQL (`src.tracking_server`) on a free loopback port for the block; yields its
     URI. Skips the test when the server binaries or the driver are missing."""
-    from src import tracking_server
+    from src.tracking import server
 
-    if tracking_server.postgres_bindir() is None:
+    if server.postgres_bindir() is None:
         pytest.skip("PostgreSQL's server binaries are not installed (apt-get install postgresql)")
     pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[server]'")
     data = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "data"
     data.parent.chmod(0o755)  # reachable by the postgres user when the tests run as root
     try:
-        yield tracking_server.start_postgres(data, free_port())
+        yield server.start_postgres(data, free_port())
     finally:
-        tracking_server.stop_postgres(data)
+        server.stop_postgres(data)
         shutil.rmtree(data.parent, ignore_errors=True)

@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src import calibration, evaluate, predict
-from src.config import compose
+from src import predict
+from src.config.compose import compose
+from src.evaluation import calibration
+from src.serving import loading
+from src.stages import evaluate
 from tests.conftest import path_overrides
 
 SIZE = 16
@@ -227,7 +230,7 @@ def test_evaluate_fits_a_temperature_and_writes_the_reliability_diagram(tmp_path
     assert "reliability.png" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
     assert "temperature.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
-    assert predict.load_temperature(result["mlflow"]["model_uri"]) == pytest.approx(temperature, abs=1e-6)
+    assert loading.load_temperature(result["mlflow"]["model_uri"]) == pytest.approx(temperature, abs=1e-6)
 
     # scaling off: the stale temperature is removed, the uncalibrated ECE still reported
     cfg.evaluate.temperature_scaling = False
@@ -243,11 +246,11 @@ def test_predict_applies_the_temperature_beside_the_model(tmp_path, capsys):
     model_path = Path(cfg.paths.models) / "final.keras"
     photo = tmp_path / "bright.png"
     Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(photo)
-    model, classes = predict.load_model(str(model_path))
-    temperature = predict.load_temperature(str(model_path))
+    model, classes = loading.load_model(str(model_path))
+    temperature = loading.load_temperature(str(model_path))
     assert temperature == json.loads(model_path.with_name("temperature.json").read_text())["temperature"]
-    [raw] = predict.predict(model, classes, [photo])
-    [scaled] = predict.predict(model, classes, [photo], temperature=temperature)
+    [raw] = loading.predict(model, classes, [photo])
+    [scaled] = loading.predict(model, classes, [photo], temperature=temperature)
     assert raw["class"] == scaled["class"] == "dogs"
     assert raw["probability"] > 0.999 and 0.5 < scaled["probability"] < 0.95
     assert predict.main([str(photo), "--model", str(model_path)]) == 0

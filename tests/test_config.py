@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from src.config import PARAMS_FILE, REPO_ROOT, ConfigError, compose, load_params, to_yaml, validate
+from src.config.checks import validate
+from src.config.compose import compose, load_params, to_yaml
+from src.config.paths import PARAMS_FILE, REPO_ROOT
+from src.errors import ConfigError
 
 PRESETS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
 

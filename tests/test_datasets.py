@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.datasets import read_batches
+from src.data.arrays import read_batches
 
 
 def test_read_batches_covers_the_array_in_order_for_maps_slices_and_arrays(tmp_path):

@@ -13,8 +13,10 @@ import sys
 import numpy as np
 import pytest
 
-from src import datasets, distribute, stage
-from src.config import REPO_ROOT
+from src.config.paths import REPO_ROOT
+from src.data import arrays
+from src.fitting import distribute
+from src.stages import stage
 from src.train import STAGES
 from tests.conftest import free_port, make_cfg, require_shared
 
@@ -31,8 +33,10 @@ EXACT = [
 
 WORKER = """
 import json, sys
-from src import finetune, train_head
-from src.config import compose, validate
+from src.stages import finetune
+from src.stages import train_head
+from src.config.compose import compose
+from src.config.checks import validate
 cfg = validate(compose(json.loads(sys.argv[1])))
 head = train_head.run(cfg)
 tuned = finetune.run(cfg) if cfg.finetune.epochs else None
@@ -118,7 +122,7 @@ def test_two_local_workers_train_one_head_and_the_chief_writes_it(features):
         "classes.json", "head.keras",
     ]  # fmt: skip
     head = keras.saving.load_model(models / "head.keras")
-    x_val, y_val = datasets.load_features(cfg, "val")
+    x_val, y_val = arrays.load_features(cfg, "val")
     probabilities = head.predict(x_val, verbose=0)[:, 0]
     accuracy = float(np.mean((probabilities > 0.5) == (y_val == 1)))
     assert accuracy == pytest.approx(chief["head"]["val_accuracy"], abs=1e-6)  # the best epoch's weights
@@ -128,11 +132,10 @@ def test_each_worker_gets_its_own_equal_share_of_the_batches():
     x = np.arange(18, dtype=np.float32).reshape(18, 1)
     y = np.zeros(18, np.int64)
     shares = [
-        [batch[0].numpy()[:, 0].tolist() for batch in datasets.batches(x, y, 4, shard=(i, 2))]
-        for i in range(2)
+        [batch[0].numpy()[:, 0].tolist() for batch in arrays.batches(x, y, 4, shard=(i, 2))] for i in range(2)
     ]
     assert shares == [[[0, 1, 2, 3], [8, 9, 10, 11]], [[4, 5, 6, 7], [12, 13, 14, 15]]]  # 16, 17 left out
-    assert [len(datasets.batches(x, y, 4, shard=(i, 2))) for i in range(2)] == [2, 2]
+    assert [len(arrays.batches(x, y, 4, shard=(i, 2))) for i in range(2)] == [2, 2]
 
 
 @pytest.mark.parametrize(

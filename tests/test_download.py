@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src import download, prepare, stage
-from src.config import compose, validate
-from src.download import Archive, DownloadError
+from src.config.checks import validate
+from src.config.compose import compose
+from src.data import sources
+from src.data.sources import Archive, DownloadError
+from src.outputs import folders
+from src.stages import download, prepare
 from tests.conftest import path_overrides
 
 
@@ -117,11 +120,11 @@ def test_fetch_verifies_the_checksum_and_then_reuses_the_file(tmp_path, served):
     (folder / "data.zip").write_bytes(payload)
     archive = Archive(server.url("data.zip"), sha256=sha256(payload))
     downloads = tmp_path / "downloads"
-    path = download.fetch(archive, downloads)
+    path = sources.fetch(archive, downloads)
     assert path == downloads / "data.zip" and path.read_bytes() == payload
     assert not list(downloads.glob("*.part"))
     n_requests = len(server.requests)
-    assert download.fetch(archive, downloads) == path
+    assert sources.fetch(archive, downloads) == path
     assert len(server.requests) == n_requests  # a verified copy is never fetched again
 
 
@@ -133,7 +136,7 @@ def test_fetch_with_md5_pin_and_a_corrupt_cached_copy_downloads_again(tmp_path, 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     (downloads / "gt.zip").write_bytes(b"truncated")
-    assert download.fetch(archive, downloads).read_bytes() == payload
+    assert sources.fetch(archive, downloads).read_bytes() == payload
     assert server.requests
 
 
@@ -143,7 +146,7 @@ def test_checksum_mismatch_keeps_nothing(tmp_path, served):
     archive = Archive(server.url("data.tgz"), sha256="0" * 64)
     downloads = tmp_path / "downloads"
     with pytest.raises(DownloadError, match="checksum mismatch") as err:
-        download.fetch(archive, downloads)
+        sources.fetch(archive, downloads)
     assert "0" * 64 in str(err.value) and sha256(b"changed upstream") in str(err.value)
     assert list(downloads.iterdir()) == []
 
@@ -151,7 +154,7 @@ def test_checksum_mismatch_keeps_nothing(tmp_path, served):
 def test_offline_fails_at_once_naming_the_url_and_the_local_alternative(tmp_path):
     url = closed_port_url("flower_photos.tgz")
     with pytest.raises(DownloadError) as err:
-        download.fetch(Archive(url, sha256="0" * 64), tmp_path / "downloads")
+        sources.fetch(Archive(url, sha256="0" * 64), tmp_path / "downloads")
     message = str(err.value)
     assert url in message
     assert "dataset=folder dataset.path=" in message
@@ -159,7 +162,7 @@ def test_offline_fails_at_once_naming_the_url_and_the_local_alternative(tmp_path
 
 
 def test_offline_run_writes_no_source_file(tmp_path, monkeypatch):
-    monkeypatch.setitem(download.ARCHIVES, "flowers", (Archive(closed_port_url("f.tgz"), sha256="0" * 64),))
+    monkeypatch.setitem(sources.ARCHIVES, "flowers", (Archive(closed_port_url("f.tgz"), sha256="0" * 64),))
     cfg = cfg_for(tmp_path, "dataset=flowers")
     with pytest.raises(DownloadError, match="f.tgz"):
         download.run(cfg)
@@ -167,8 +170,8 @@ def test_offline_run_writes_no_source_file(tmp_path, monkeypatch):
 
 
 def test_pinned_archives_all_carry_a_checksum():
-    for name, archives in download.ARCHIVES.items():
-        assert name in download.BUILDERS
+    for name, archives in sources.ARCHIVES.items():
+        assert name in sources.BUILDERS
         for archive in archives:
             assert archive.url.startswith("https://")
             algorithm, _, expected = archive.hasher()
@@ -184,7 +187,7 @@ def test_zip_member_escaping_the_target_is_refused(tmp_path):
         zf.writestr("ok/fine.txt", "fine")
         zf.writestr("../escaped.txt", "evil")
     with pytest.raises(DownloadError, match="outside"):
-        download.safe_extract(archive, tmp_path / "out")
+        sources.safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists()
 
 
@@ -193,7 +196,7 @@ def test_zip_absolute_member_is_refused(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr(zipfile.ZipInfo("/tmp/absolute.txt"), "evil")
     with pytest.raises(DownloadError, match="outside"):
-        download.safe_extract(archive, tmp_path / "out")
+        sources.safe_extract(archive, tmp_path / "out")
 
 
 def _tar_with(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
@@ -207,7 +210,7 @@ def test_tar_member_escaping_the_target_is_refused(tmp_path):
     member = tarfile.TarInfo("../../escaped.txt")
     member.size = 4
     with pytest.raises(DownloadError, match="outside"):
-        download.safe_extract(_tar_with(tmp_path, member, b"evil"), tmp_path / "a" / "out")
+        sources.safe_extract(_tar_with(tmp_path, member, b"evil"), tmp_path / "a" / "out")
     assert not (tmp_path / "escaped.txt").exists()
 
 
@@ -216,7 +219,7 @@ def test_tar_symlink_is_refused(tmp_path):
     member.type = tarfile.SYMTYPE
     member.linkname = "/etc/passwd"
     with pytest.raises(DownloadError, match="link"):
-        download.safe_extract(_tar_with(tmp_path, member), tmp_path / "out")
+        sources.safe_extract(_tar_with(tmp_path, member), tmp_path / "out")
     assert not (tmp_path / "out" / "flower_photos" / "link").exists()
 
 
@@ -224,7 +227,7 @@ def test_safe_extract_unpacks_an_ordinary_tar(tmp_path):
     member = tarfile.TarInfo("flower_photos/daisy/1.jpg")
     data = jpeg_bytes(3)
     member.size = len(data)
-    out = download.safe_extract(_tar_with(tmp_path, member, data), tmp_path / "out")
+    out = sources.safe_extract(_tar_with(tmp_path, member, data), tmp_path / "out")
     assert (out / "flower_photos" / "daisy" / "1.jpg").read_bytes() == data
 
 
@@ -251,12 +254,12 @@ def test_flowers_download_feeds_prepare(tmp_path, served, monkeypatch):
         member.size = len(licence)
         tf.addfile(member, io.BytesIO(licence))
     archive = serve_archive(folder, server, "flower_photos.tgz", buf.getvalue())
-    monkeypatch.setitem(download.ARCHIVES, "flowers", (archive,))
+    monkeypatch.setitem(sources.ARCHIVES, "flowers", (archive,))
     cfg = cfg_for(tmp_path, "dataset=flowers", "dataset.image_size=32")
     info = download.run(cfg)
     root = Path(cfg.paths.raw) / "flowers"
     assert info["kind"] == "download" and info["root"] == str(root.resolve())
-    assert sorted(p.name for p in root.iterdir() if p.name != stage.MARKER) == ["daisy", "roses"]
+    assert sorted(p.name for p in root.iterdir() if p.name != folders.MARKER) == ["daisy", "roses"]
     assert info["files"] == 12
     prepared = prepare.run(cfg)
     assert prepared["classes"] == ["daisy", "roses"]
@@ -273,8 +276,8 @@ def test_cats_vs_dogs_builds_the_dlwp_subset_skipping_corrupt_jpegs(tmp_path, se
                 zf.writestr(f"PetImages/{kaggle_class}/{number}.jpg", data)
             zf.writestr(f"PetImages/{kaggle_class}/Thumbs.db", b"junk")
     archive = serve_archive(folder, server, "kagglecatsanddogs.zip", buf.getvalue())
-    monkeypatch.setitem(download.ARCHIVES, "cats_vs_dogs", (archive,))
-    monkeypatch.setattr(download, "DLWP_PER_CLASS", {"train": 2, "validation": 1, "test": 2})
+    monkeypatch.setitem(sources.ARCHIVES, "cats_vs_dogs", (archive,))
+    monkeypatch.setattr(sources, "DLWP_PER_CLASS", {"train": 2, "validation": 1, "test": 2})
     cfg = cfg_for(tmp_path, "dataset=cats_vs_dogs")
     download.run(cfg)
     root = Path(cfg.paths.raw) / "cats_vs_dogs"
@@ -303,7 +306,7 @@ def test_gtsrb_builds_numeric_class_folders_and_a_test_csv(tmp_path, served, mon
         serve_archive(folder, server, name, buf.getvalue())
         for name, buf in (("train.zip", train), ("test.zip", test), ("gt.zip", gt))
     )
-    monkeypatch.setitem(download.ARCHIVES, "gtsrb", archives)
+    monkeypatch.setitem(sources.ARCHIVES, "gtsrb", archives)
     cfg = cfg_for(tmp_path, "dataset=gtsrb", "dataset.image_size=32")
     download.run(cfg)
     root = Path(cfg.paths.raw) / "gtsrb"
@@ -348,7 +351,7 @@ def test_cifar10_batches_become_png_class_folders(tmp_path, served, monkeypatch)
             add(f"data_batch_{i}", payload)
         add("test_batch", batch(4, 100)[0])
     archive = serve_archive(folder, server, "cifar-10-python.tar.gz", buf.getvalue())
-    monkeypatch.setitem(download.ARCHIVES, "cifar10", (archive,))
+    monkeypatch.setitem(sources.ARCHIVES, "cifar10", (archive,))
     cfg = cfg_for(tmp_path, "dataset=cifar10")
     info = download.run(cfg)
     root = Path(cfg.paths.raw) / "cifar10"

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src import cache
-from src.codedeps import code_deps
-from src.config import REPO_ROOT
+from src.config.paths import REPO_ROOT
+from src.outputs import reuse
+from src.outputs.codedeps import code_deps
 
 STAGES: dict[str, dict] = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def stage_module(stage: dict) -> str:
-    match = re.fullmatch(r"python -m (src\.\w+)", stage["cmd"].strip())
-    assert match, f"not `python -m src.<stage>`: {stage['cmd']!r}"
+    match = re.fullmatch(r"python -m (src\.[\w.]+)", stage["cmd"].strip())
+    assert match, f"not `python -m src.stages.<stage>`: {stage['cmd']!r}"
     return match.group(1)
 
 
@@ -31,7 +31,7 @@ def drift(name: str, stage: dict) -> str | None:
     return (
         f"dvc.yaml stage {name!r}: missing {sorted(wanted - listed) or 'nothing'}, "
         f"extra {sorted(listed - wanted) or 'nothing'} "
-        f"(`python -m src.codedeps {name}` lists what it imports)"
+        f"(`python -m src.outputs.codedeps {name}` lists what it imports)"
     )
 
 
@@ -43,18 +43,20 @@ def test_stage_code_deps_are_exactly_what_its_module_imports(name):
 
 def test_a_missing_or_extra_code_dep_is_reported_by_stage_and_file():
     stage = STAGES["extract"]
-    assert "src/precision.py" in stage["deps"]
-    missing = {**stage, "deps": [d for d in stage["deps"] if d != "src/precision.py"]}
+    assert "src/fitting/precision.py" in stage["deps"]
+    missing = {**stage, "deps": [d for d in stage["deps"] if d != "src/fitting/precision.py"]}
     problem = drift("extract", missing)
-    assert problem is not None and "'extract'" in problem and "missing ['src/precision.py']" in problem
-    extra = {**stage, "deps": [*stage["deps"], "src/sweep.py"]}
+    assert (
+        problem is not None and "'extract'" in problem and "missing ['src/fitting/precision.py']" in problem
+    )
+    extra = {**stage, "deps": [*stage["deps"], "src/tracking/sweep.py"]}
     problem = drift("extract", extra)
-    assert problem is not None and "extra ['src/sweep.py']" in problem
+    assert problem is not None and "extra ['src/tracking/sweep.py']" in problem
 
 
 def test_cached_stages_hash_the_same_code_that_dvc_tracks():
-    for name in cache.CACHED_STAGES:
-        assert sorted(cache._code(name)) == code_deps(f"src.{name}")
+    for name in reuse.CACHED_STAGES:
+        assert sorted(reuse._code(name)) == code_deps(f"src.stages.{name}")
 
 
 def write(path: Path, text: str) -> None:
@@ -65,21 +67,23 @@ def write(path: Path, text: str) -> None:
 def test_code_deps_follows_every_import_form_of_the_package_only(tmp_path):
     pkg = tmp_path / "src"
     write(pkg / "__init__.py", "from src import unused\n")
-    write(pkg / "stage.py", "import os\nimport src.plain\nfrom src import listed, NAME\n")
+    write(pkg / "stages" / "__init__.py", "")
+    write(pkg / "stages" / "stage.py", "import os\nimport src.plain\nfrom src.sub import listed, NAME\n")
     write(pkg / "plain.py", "from src.named import thing\n")
-    write(pkg / "listed.py", "def later():\n    from . import relative\n")
-    write(pkg / "named.py", "thing = 1\nimport src.stage  # a cycle\n")
-    write(pkg / "relative.py", "from .deep import x\nfrom other import y\nimport srcx.z\n")
-    write(pkg / "deep.py", "x = 1\n")
+    write(pkg / "sub" / "listed.py", "def later():\n    from . import relative\n")
+    write(pkg / "named.py", "thing = 1\nimport src.stages.stage  # a cycle\n")
+    write(pkg / "sub" / "relative.py", "from .deep import x\nfrom ..other import y\nimport srcx.z\n")
+    write(pkg / "sub" / "deep.py", "x = 1\n")
     write(pkg / "unused.py", "")
     write(pkg / "other.py", "")
-    assert code_deps("src.stage", pkg) == [
-        "src/deep.py",
-        "src/listed.py",
+    assert code_deps("src.stages.stage", pkg) == [
         "src/named.py",
+        "src/other.py",
         "src/plain.py",
-        "src/relative.py",
-        "src/stage.py",
+        "src/stages/stage.py",
+        "src/sub/deep.py",
+        "src/sub/listed.py",
+        "src/sub/relative.py",
     ]
     with pytest.raises(FileNotFoundError):
         code_deps("src.nowhere", pkg)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.config import REPO_ROOT
+from src.config.paths import REPO_ROOT
 from tests.conftest import SHARED, VGG16_WEIGHTS, path_overrides, require_shared
 
 pytestmark = pytest.mark.slow
@@ -176,7 +176,7 @@ def test_content_changes_rerun_what_reads_them_and_outputs_over_data_are_refused
     import h5py
     from omegaconf import OmegaConf
 
-    from src.config import compose, write_params
+    from src.config.compose import compose, write_params
     from tests import corpus
 
     require_shared()

@@ -13,9 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src import download, hashing, prepare
-from src.config import compose, validate
-from src.stage import StageError
+from src.config.checks import validate
+from src.config.compose import compose
+from src.data import layouts
+from src.errors import StageError
+from src.images import decode, files
+from src.outputs import hashing
+from src.stages import download, prepare
 from tests import corpus
 from tests.conftest import GTSRB, path_overrides
 
@@ -137,7 +141,7 @@ def test_linked_split_tree_was_not_found_by_path_rglob(tmp_path):
     root = tmp_path / "images"
     link(store, root / "train")
     assert not [p for p in root.rglob("*") if p.is_file()]
-    assert len(list(download.walk_files(root))) == 8
+    assert len(list(files.walk_files(root))) == 8
 
 
 def test_symlink_loops_end_and_are_reported(tmp_path, caplog):
@@ -162,8 +166,8 @@ def test_walker_skips_hidden_names_and_reports_broken_links(tmp_path, caplog):
     link(tmp_path / "unmounted" / "dogs", root / "horses")
     link(tmp_path / "store" / ".hidden", root / "cats" / "visible")  # broken as well
     caplog.set_level(logging.WARNING)
-    files = list(download.walk_files(root))
-    assert len(files) == 8 and all(p.is_relative_to(root) for p in files)
+    found = list(files.walk_files(root))
+    assert len(found) == 8 and all(p.is_relative_to(root) for p in found)
     assert sum("broken link" in r.getMessage() for r in caplog.records) == 2
 
 
@@ -178,15 +182,15 @@ def test_fingerprint_of_an_unlinked_tree_is_unchanged(tmp_path):
     """The walker finds what the previous rglob-based fingerprint found, in the same order."""
     root = corpus.split_tree(tmp_path / "images", {"train": CLASSES, "val": {"cats": 1, "dogs": 1}})
     corpus.image(root / "train" / ".ipynb_checkpoints" / "x.png")
-    files = sorted(
+    listed = sorted(
         p
         for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
-    assert sorted(download.walk_files(root)) == files
+    assert sorted(files.walk_files(root)) == listed
     db = tmp_path / "hashes.sqlite"
     expected = "".join(
-        f"{p.relative_to(root).as_posix()}|{d}\n" for p, d in zip(files, hashing.digests(files, db))
+        f"{p.relative_to(root).as_posix()}|{d}\n" for p, d in zip(listed, hashing.digests(listed, db))
     )
     assert fingerprint(root, tmp_path) == (10, hashlib.sha256(expected.encode()).hexdigest())
 
@@ -245,8 +249,8 @@ def test_official_gtsrb_layout_gives_numeric_classes_and_test_labels(tmp_path, w
 
 def test_official_gtsrb_class_names_are_those_of_the_class_id_folders(shared):
     """`00042` and the shared `train/42/` tree give the same class names."""
-    names = sorted((d.name for d in (GTSRB / "train").iterdir()), key=prepare.natural_key)
-    assert names == [prepare.gtsrb_class(f"{c:05d}") for c in range(43)]
+    names = sorted((d.name for d in (GTSRB / "train").iterdir()), key=decode.natural_key)
+    assert names == [layouts.gtsrb_class(f"{c:05d}") for c in range(43)]
 
 
 def test_official_gtsrb_test_images_without_ground_truth_are_refused(tmp_path):

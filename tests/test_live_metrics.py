@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from src import datasets, live_metrics, mlflow_store, models, stage
+from src.data import arrays
+from src.models import networks
+from src.stages import stage
+from src.tracking import live_metrics, store
 from src.train import STAGES
 from tests.conftest import make_cfg, require_shared
 
@@ -30,10 +33,10 @@ def test_each_epoch_is_in_the_store_when_it_ends(features):
     from mlflow import MlflowClient
 
     cfg = features
-    x, y = datasets.load_features(cfg, "train")
-    x_val, y_val = datasets.load_features(cfg, "val")
-    model = models.head(cfg.head, x.shape[1:], 2)
-    models.compile_model(model, 2, "adam", 1e-3)
+    x, y = arrays.load_features(cfg, "train")
+    x_val, y_val = arrays.load_features(cfg, "val")
+    model = networks.head(cfg.head, x.shape[1:], 2)
+    networks.compile_model(model, 2, "adam", 1e-3)
     live = live_metrics.callback(cfg, "head")
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     seen: list[list[int]] = []
@@ -80,4 +83,4 @@ def test_the_stages_share_one_run_and_log_each_epoch_once(features):
 def test_no_tracking_no_callback(features, tmp_path):
     cfg = make_cfg(tmp_path, "tracking.enabled=false")
     assert live_metrics.callback(cfg, "head") is None
-    assert mlflow_store.tracking_uri(cfg).startswith("sqlite:///")
+    assert store.tracking_uri(cfg).startswith("sqlite:///")

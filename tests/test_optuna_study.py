@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from src import sweep
-from src.config import REPO_ROOT
+from src.config.paths import REPO_ROOT
+from src.tracking import sweep
 from tests.conftest import SHARED, local_postgres, path_overrides, require_shared
 from tests.test_sweep import children
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from src import predict
-from src.config import REPO_ROOT
+from src.config.paths import REPO_ROOT
+from src.serving import loading
 from tests.corpus import appledouble, image, text_file, truncated_jpeg
 
 SIZE = 16
@@ -69,10 +70,10 @@ def test_one_bad_file_is_listed_and_the_readable_images_are_classified(tmp_path,
 
 def test_predict_function_reports_unreadable_files_beside_its_rows(tmp_path, model_path):
     good, broken = mixed_folder(tmp_path / "photos")
-    model, classes = predict.load_model(str(model_path))
+    model, classes = loading.load_model(str(model_path))
     skipped: list = []
     files = [*good, broken, tmp_path / "photos" / "._dog1.jpg"]
-    rows = predict.predict(model, classes, files, batch_size=2, skipped=skipped)
+    rows = loading.predict(model, classes, files, batch_size=2, skipped=skipped)
     assert [r["path"] for r in rows] == [str(p) for p in good]
     assert [p for p, _ in skipped] == [broken, tmp_path / "photos" / "._dog1.jpg"]
     assert skipped[1][1].startswith("UnidentifiedImageError")

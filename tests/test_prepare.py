@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src import prepare, stage
-from src.config import compose, validate
-from src.prepare import natural_key
+from src import errors
+from src.config.checks import validate
+from src.config.compose import compose
+from src.images.decode import natural_key
+from src.stages import prepare, stage
 from tests.conftest import GTSRB, path_overrides
 
 
@@ -121,5 +123,5 @@ def test_flat_test_folder_without_csv_is_a_clear_error(tmp_path):
     (root / "test").mkdir()
     Image.new("RGB", (8, 8)).save(root / "test" / "0001.png")
     cfg = folder_cfg(tmp_path, root)
-    with pytest.raises(stage.StageError, match="dataset.test_labels_csv"):
+    with pytest.raises(errors.StageError, match="dataset.test_labels_csv"):
         prepare.run(cfg)

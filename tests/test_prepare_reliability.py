@@ -19,9 +19,12 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from src import prepare
-from src.config import REPO_ROOT, compose, validate
-from src.stage import StageError
+from src.config.checks import validate
+from src.config.compose import compose
+from src.config.paths import REPO_ROOT
+from src.data import decoding, memory
+from src.errors import StageError
+from src.stages import prepare
 from tests import corpus
 from tests.conftest import path_overrides
 
@@ -130,7 +133,7 @@ def test_repeated_csv_rows_are_reported_and_kept_once(tmp_path, caplog):
     rows = csv_tree(root, ["cats", "dogs", "cats", "dogs"])
     corpus.labels_csv(root / "Test.csv", [*rows, rows[1]])
     cfg = cfg_for(tmp_path, root, "dataset.test_labels_csv=Test.csv")
-    with caplog.at_level(logging.WARNING, logger="src.prepare"):
+    with caplog.at_level(logging.WARNING, logger="src.stages.prepare"):
         info = prepare.run(cfg)
     assert info["counts"]["test"] == 4 and info["report"]["csv_duplicate_rows"] == 1
     assert "repeats 1 row(s)" in caplog.text and "test/0001.png (dogs): lines 3 and 6" in caplog.text
@@ -154,7 +157,7 @@ def test_empty_training_class_folder_is_not_a_class(tmp_path, caplog):
     root = three_splits(tmp_path / "images")
     (root / "train" / "horse").mkdir()
     (root / "train" / "horse" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    with caplog.at_level(logging.WARNING, logger="src.prepare"):
+    with caplog.at_level(logging.WARNING, logger="src.stages.prepare"):
         info = prepare.run(cfg_for(tmp_path, root))
     assert info["classes"] == ["cats", "dogs"] and info["report"]["empty_class_folders"] == 1
     assert "class folder train/horse/ has no images: not a class" in caplog.text
@@ -165,7 +168,7 @@ def test_empty_training_class_folder_is_not_a_class(tmp_path, caplog):
 
 def test_class_without_test_images_is_reported(tmp_path, caplog):
     root = three_splits(tmp_path / "images", test={"cats": 2})
-    with caplog.at_level(logging.WARNING, logger="src.prepare"):
+    with caplog.at_level(logging.WARNING, logger="src.stages.prepare"):
         info = prepare.run(cfg_for(tmp_path, root))
     assert info["report"]["classes_without_test"] == ["dogs"]
     assert "1 class(es) have no test images: dogs" in caplog.text
@@ -204,7 +207,7 @@ def leaky_tree(root: Path) -> Path:
 
 def test_leakage_across_splits_is_listed_and_warned(tmp_path, caplog):
     root = leaky_tree(tmp_path / "images")
-    with caplog.at_level(logging.WARNING, logger="src.prepare"):
+    with caplog.at_level(logging.WARNING, logger="src.stages.prepare"):
         info = prepare.run(cfg_for(tmp_path, root))
     assert info["counts"] == {"train": 9, "val": 3, "test": 5}
     assert info["report"]["leakage_images"] == 2 and info["report"]["leakage_groups"] == 1
@@ -271,7 +274,8 @@ def test_max_pixels_caps_the_size_really_decoded(tmp_path):
 MEASURE = """
 import json, sys
 from omegaconf import OmegaConf
-from src import prepare
+from src.data import memory
+from src.stages import prepare
 info = prepare.run(OmegaConf.load(sys.argv[1]))
 status = open("/proc/self/status").read().split("\\n")
 peak_kb = int(next(line for line in status if line.startswith("VmHWM")).split()[1])
@@ -303,30 +307,30 @@ def test_decompression_bomb_png_is_skipped_in_bounded_memory(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("cpus", "memory", "workers"),
+    ("cpus", "ram", "workers"),
     [(16, None, 4), (16, 10**12, 4), (16, 5 * 480_000_000 // 2, 2), (16, 10**6, 1), (1, 10**12, 1)],
 )
-def test_decode_workers_fit_in_memory(monkeypatch, cpus, memory, workers):
-    monkeypatch.setattr(prepare, "_cpu_count", lambda: cpus)
-    monkeypatch.setattr(prepare, "_available_memory", lambda: memory)
-    assert prepare.decode_workers(40_000_000) == workers
+def test_decode_workers_fit_in_memory(monkeypatch, cpus, ram, workers):
+    monkeypatch.setattr(memory, "_cpu_count", lambda: cpus)
+    monkeypatch.setattr(memory, "_available_memory", lambda: ram)
+    assert memory.decode_workers(40_000_000) == workers
 
 
 def test_available_memory_is_read_from_the_system():
-    available = prepare._available_memory()
+    available = memory._available_memory()
     assert available is not None and available > 0
 
 
 def test_decoding_uses_the_memory_bounded_worker_count(tmp_path, monkeypatch):
     pools = []
 
-    class Recording(prepare.ThreadPoolExecutor):
+    class Recording(decoding.ThreadPoolExecutor):
         def __init__(self, max_workers):
             pools.append(max_workers)
             super().__init__(max_workers=max_workers)
 
-    monkeypatch.setattr(prepare, "ThreadPoolExecutor", Recording)
-    monkeypatch.setattr(prepare, "_available_memory", lambda: 480_000_000)  # one 40 MP image
+    monkeypatch.setattr(decoding, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(memory, "_available_memory", lambda: 480_000_000)  # one 40 MP image
     root = corpus.class_tree(tmp_path / "images", CLASSES)
     prepare.run(cfg_for(tmp_path, root))
     assert pools == [1, 1, 1]

@@ -11,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from src import datasets, fit, models, progress
+from src.data import arrays
+from src.fitting import fit, progress
+from src.models import networks
 
 LINE = re.compile(
     r"^(?P<label>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+%\), [\d.]+ \w+/s, ETA \S+$"
@@ -64,7 +66,7 @@ def test_interval_defaults_and_follows_the_environment(monkeypatch):
 def test_predict_to_file_logs_images_done_rate_and_eta(tmp_path, every_step, caplog, capsys):
     import keras
 
-    shape = models.predict_to_file(
+    shape = networks.predict_to_file(
         tiny_base(), keras.layers.Rescaling(1 / 255), images(), 4, tmp_path / "features_train.npy"
     )
     assert shape == (10, 4)
@@ -81,7 +83,7 @@ def test_a_quiet_interval_logs_nothing(tmp_path, caplog, monkeypatch):
 
     monkeypatch.delenv(progress.INTERVAL_ENV, raising=False)
     caplog.set_level(logging.INFO, logger=progress.log.name)
-    models.predict_to_file(tiny_base(), keras.layers.Rescaling(1 / 255), images(), 4, tmp_path / "f.npy")
+    networks.predict_to_file(tiny_base(), keras.layers.Rescaling(1 / 255), images(), 4, tmp_path / "f.npy")
     assert progress_lines(caplog) == []
 
 
@@ -91,11 +93,11 @@ def test_fit_best_logs_batches_of_each_epoch_and_its_validation(tmp_path, every_
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(10, 8)).astype("float32"), rng.integers(0, 2, size=10)
     model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(1, activation="sigmoid")])
-    models.compile_model(model, 2, "adam", 1e-3)
+    networks.compile_model(model, 2, "adam", 1e-3)
     fit.fit_best(
         model,
-        datasets.batches(x, y, 4, shuffle=True),
-        datasets.batches(x[:6], y[:6], 4),
+        arrays.batches(x, y, 4, shuffle=True),
+        arrays.batches(x[:6], y[:6], 4),
         2,
         tmp_path / "m.keras",
         tmp_path / "history.csv",
@@ -117,7 +119,7 @@ def test_on_a_terminal_nothing_is_logged(tmp_path, every_step, caplog, tty, monk
     counter = progress.Progress("loop", 3, "steps")
     for _ in range(3):
         counter.update()
-    models.predict_to_file(tiny_base(), keras.layers.Rescaling(1 / 255), images(), 4, tmp_path / "f.npy")
+    networks.predict_to_file(tiny_base(), keras.layers.Rescaling(1 / 255), images(), 4, tmp_path / "f.npy")
     assert progress_lines(caplog) == []
     with open(os.devnull, "w") as not_a_terminal:
         assert not progress.is_terminal(not_a_terminal)

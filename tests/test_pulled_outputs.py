@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.config import compose
-from src.prepare import source_root
+from src.config.compose import compose
+from src.stages.prepare import source_root
 from tests.conftest import path_overrides
 
 

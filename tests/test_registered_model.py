@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src import predict, pyfunc_model, tracking
-from src.calibration import apply_temperature
+from src import predict
+from src.evaluation.calibration import apply_temperature
+from src.serving import loading, pyfunc_model
+from src.tracking import pipeline_run
 from tests.test_tracking_keys import SIZE, scratch_cfg, tiny_model
 
 NAME = "image-classifier"
@@ -53,9 +55,9 @@ def log_run(
     artifacts = [folder / "classes.json"]
     artifacts[0].write_text(json.dumps(CLASSES))
     if temperature is not None:
-        artifacts.append(folder / predict.TEMPERATURE_FILE)
+        artifacts.append(folder / loading.TEMPERATURE_FILE)
         artifacts[1].write_text(json.dumps({"temperature": temperature}))
-    return tracking.log_pipeline_run(
+    return pipeline_run.log_pipeline_run(
         cfg,
         model=model or tiny_model(2),
         classes=CLASSES,
@@ -139,7 +141,7 @@ def test_the_classifier_is_registered_champion_with_a_keras_flavor_and_the_keras
 def test_the_classifier_predicts_class_names_from_paths_and_from_pixels(store, classifier):
     _, _, photos = store
     paths = [str(photos / "dark.png"), str(photos / "bright.jpg")]
-    _, images, _ = predict.read_images([Path(p) for p in paths], SIZE)
+    _, images, _ = loading.read_images([Path(p) for p in paths], SIZE)
     expected = expected_probabilities(images)
     for model_input in (paths, pd.DataFrame({"path": paths}), images, images.astype(np.int64)):
         frame = classifier.predict(model_input)
@@ -179,7 +181,7 @@ def test_predict_command_on_the_champion(store, capsys):
     rows = [line.split("\t") for line in out.splitlines()]
     assert [(Path(r[0]).name, r[1]) for r in rows] == [("bright.jpg", "dogs"), ("dark.png", "cats")]
     assert f"note: probabilities calibrated with temperature {TEMPERATURE:.4g}" in err
-    _, images, _ = predict.read_images([photos / "bright.jpg", photos / "dark.png"], SIZE)
+    _, images, _ = loading.read_images([photos / "bright.jpg", photos / "dark.png"], SIZE)
     expected = expected_probabilities(images).max(axis=1)
     assert [float(r[2]) for r in rows] == pytest.approx(expected, abs=1e-4)
 
@@ -190,7 +192,7 @@ def test_champion_moves_only_to_a_better_test_accuracy_on_the_same_data(tmp_path
 
     cfg = registry_cfg(tmp_path)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    caplog.set_level(logging.INFO, logger="src.tracking")
+    caplog.set_level(logging.INFO, logger="src.tracking.pipeline_run")
     first = log_run(cfg, tmp_path / "first", accuracy=0.6)
     second = log_run(cfg, tmp_path / "second", accuracy=0.5)
     assert (first["alias"], second["alias"]) == ("champion", "candidate")
@@ -202,11 +204,11 @@ def test_champion_moves_only_to_a_better_test_accuracy_on_the_same_data(tmp_path
 
     def register(accuracy: float, fingerprint: str) -> tuple[str, dict[str, str]]:
         """A new version (of the first run's model files) from a run with this accuracy and data."""
-        tags = {tracking.FINGERPRINT_TAG: fingerprint}
+        tags = {pipeline_run.FINGERPRINT_TAG: fingerprint}
         with mlflow.start_run(experiment_id=first["experiment_id"], tags=tags) as run:
-            mlflow.log_metric(tracking.ACCURACY_KEY, accuracy)
+            mlflow.log_metric(pipeline_run.ACCURACY_KEY, accuracy)
         version = client.create_model_version(NAME, source.artifact_location, run_id=run.info.run_id).version
-        alias = tracking.assign_alias(NAME, version, fingerprint, accuracy)
+        alias = pipeline_run.assign_alias(NAME, version, fingerprint, accuracy)
         return alias, client.get_registered_model(NAME).aliases
 
     assert register(0.6, "0123abcd") == ("candidate", {"champion": 1, "candidate": 3})  # a tie

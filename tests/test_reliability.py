@@ -18,9 +18,14 @@ import h5py
 import numpy as np
 import pytest
 
-from src import cache, download, hashing, stage
-from src.atomic import atomic_file
-from src.config import PARAMS_FILE, REPO_ROOT, ConfigError, compose, validate
+from src import errors
+from src.config.checks import validate
+from src.config.compose import compose
+from src.config.paths import PARAMS_FILE, REPO_ROOT
+from src.errors import ConfigError
+from src.outputs import atomic, folders, hashing, reuse
+from src.outputs.atomic import atomic_file
+from src.stages import download, stage
 from tests import corpus
 from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, make_cfg, path_overrides, require_shared
 
@@ -84,23 +89,23 @@ def test_params_cli_refuses_an_output_on_the_dataset_and_leaves_params_yaml(tmp_
 def test_a_folder_the_pipeline_did_not_build_is_never_replaced(tmp_path):
     notes = tmp_path / "notes"
     corpus.text_file(notes / "todo.txt", "my notes\n")
-    built = stage.staging_dir(notes)
+    built = folders.staging_dir(notes)
     (built / "images_train.npy").write_bytes(b"x")
-    with pytest.raises(stage.StageError, match="not made by this pipeline"):
-        stage.replace_dir(built, notes)
+    with pytest.raises(errors.StageError, match="not made by this pipeline"):
+        folders.replace_dir(built, notes)
     assert (notes / "todo.txt").read_text() == "my notes\n" and not built.exists()
     # a folder it built (marker inside) is replaced, and so is an empty one
-    replaced = stage.replace_dir(stage.staging_dir(tmp_path / "ours"), tmp_path / "ours")
-    again = stage.staging_dir(replaced)
+    replaced = folders.replace_dir(folders.staging_dir(tmp_path / "ours"), tmp_path / "ours")
+    again = folders.staging_dir(replaced)
     (again / "new").write_text("1")
-    assert (stage.replace_dir(again, replaced) / "new").is_file()
+    assert (folders.replace_dir(again, replaced) / "new").is_file()
     (tmp_path / "empty").mkdir()
-    stage.replace_dir(stage.staging_dir(tmp_path / "empty"), tmp_path / "empty")
-    assert (tmp_path / "empty" / stage.MARKER).is_file()
+    folders.replace_dir(folders.staging_dir(tmp_path / "empty"), tmp_path / "empty")
+    assert (tmp_path / "empty" / folders.MARKER).is_file()
 
 
 def test_prepare_into_a_folder_of_notes_keeps_the_notes(tmp_path):
-    from src import prepare
+    from src.stages import prepare
 
     root = corpus.class_tree(tmp_path / "images", {"a": 6, "b": 6})
     notes = corpus.text_file(tmp_path / "notes" / "todo.txt").parent
@@ -110,7 +115,7 @@ def test_prepare_into_a_folder_of_notes_keeps_the_notes(tmp_path):
     cfg.paths.prepared = str(notes)
     validate(cfg)
     download.run(cfg)
-    with pytest.raises(stage.StageError, match="not made by this pipeline"):
+    with pytest.raises(errors.StageError, match="not made by this pipeline"):
         prepare.run(cfg)
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
 
@@ -189,7 +194,7 @@ def _bmp_tree(root: Path, seed: int) -> Path:
 
 
 def test_same_names_and_sizes_other_pixels_are_not_reused(tmp_path):
-    from src import prepare
+    from src.stages import prepare
 
     one, two = _bmp_tree(tmp_path / "one", 1), _bmp_tree(tmp_path / "two", 2)
     assert [p.stat().st_size for p in sorted(one.rglob("*.bmp"))] == [
@@ -200,7 +205,7 @@ def test_same_names_and_sizes_other_pixels_are_not_reused(tmp_path):
     for root in (one, two, one):
         cfg = validate(compose(["dataset=folder", f"dataset.path={root}", "dataset.image_size=32", *work]))
         download.run(cfg)
-        results.append(cache.reuse_or_run(cfg, "prepare", prepare.run))
+        results.append(reuse.reuse_or_run(cfg, "prepare", prepare.run))
     assert [r["reused"] for r in results] == [False, False, True]
     assert results[0]["fingerprint"] != results[1]["fingerprint"]
     # a file rewritten in place (same size) changes the digest too
@@ -225,12 +230,12 @@ def test_replaced_weights_change_the_feature_key(tmp_path, weights_copy):
     prepared = Path(cfg.paths.prepared)
     prepared.mkdir(parents=True)
     (prepared / "info.json").write_text(json.dumps({"cache_key": "k"}))
-    before = cache.stage_key(cfg, "extract")
-    assert cache.stage_key(cfg, "extract") == before
+    before = reuse.stage_key(cfg, "extract")
+    assert reuse.stage_key(cfg, "extract") == before
     with h5py.File(weights_copy, "r+") as f:  # same file, same size, other numbers
         bias = f["layers/conv2d/vars/1"]
         bias[...] = np.asarray(bias) + 1.0
-    assert cache.stage_key(cfg, "extract") != before
+    assert reuse.stage_key(cfg, "extract") != before
 
 
 # --- leftovers of killed runs ---------------------------------------------------------------
@@ -239,8 +244,8 @@ def test_replaced_weights_change_the_feature_key(tmp_path, weights_copy):
 def test_temp_folders_of_killed_runs_are_removed_live_ones_kept(tmp_path):
     models = tmp_path / "models"
     code = (
-        "import sys, time; from pathlib import Path; from src import stage\n"
-        "with stage.scratch_dir(Path(sys.argv[1]), 'checkpoint') as d:\n"
+        "import sys, time; from pathlib import Path; from src.outputs import folders\n"
+        "with folders.scratch_dir(Path(sys.argv[1]), 'checkpoint') as d:\n"
         "    (d / 'best.weights.h5').write_bytes(b'x' * 1000); print(d, flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen(
@@ -248,26 +253,26 @@ def test_temp_folders_of_killed_runs_are_removed_live_ones_kept(tmp_path):
     )
     left = Path(proc.stdout.readline().strip())
     assert left.is_dir()
-    assert stage.clean_stale(models) == [] and left.is_dir()  # its owner still runs
-    with stage.scratch_dir(models) as mine:
+    assert folders.clean_stale(models) == [] and left.is_dir()  # its owner still runs
+    with folders.scratch_dir(models) as mine:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert stage.clean_stale(models) == [left]
+        assert folders.clean_stale(models) == [left]
         assert not left.exists() and mine.is_dir()  # ours is live: kept
-    staging = stage.staging_dir(tmp_path / "features")
-    assert stage.clean_stale(tmp_path) == [] and staging.is_dir()
+    staging = folders.staging_dir(tmp_path / "features")
+    assert folders.clean_stale(tmp_path) == [] and staging.is_dir()
 
 
 def test_atomic_writes_leave_the_old_file_whole_on_error_and_no_temp_behind(tmp_path):
     target = tmp_path / "reports" / "head.json"
-    stage.write_json(target, {"epochs": 3})
+    atomic.write_json(target, {"epochs": 3})
     with pytest.raises(RuntimeError), atomic_file(target) as tmp:
         tmp.write_text('{"epo')  # half written when the writer fails
         raise RuntimeError("disk full")
     assert json.loads(target.read_text()) == {"epochs": 3}
     assert sorted(p.name for p in target.parent.iterdir()) == ["head.json"]
     code = (  # a writer killed mid-file leaves its temp entry; the next clean removes it
-        "import sys; from pathlib import Path; from src.atomic import atomic_file\n"
+        "import sys; from pathlib import Path; from src.outputs.atomic import atomic_file\n"
         "with atomic_file(Path(sys.argv[1])) as tmp:\n"
         "    tmp.write_text('half'); print(tmp, flush=True); sys.stdin.read()\n"
     )
@@ -279,7 +284,7 @@ def test_atomic_writes_leave_the_old_file_whole_on_error_and_no_temp_behind(tmp_
     assert left.parent == target.parent and left.read_text() == "half"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert stage.clean_stale(target.parent) == [left]
+    assert folders.clean_stale(target.parent) == [left]
     assert sorted(p.name for p in target.parent.iterdir()) == ["head.json"]
 
 

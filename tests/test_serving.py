@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import predict
+from src.serving import loading
 from tests.conftest import CATS_DOGS, free_port, require_shared
 from tests.test_registered_model import CLASSES, NAME, log_run, registry_cfg
 from tests.test_tracking_keys import SIZE, tiny_model
@@ -40,10 +40,10 @@ def fitted_model() -> tuple[object, float]:
     model = tiny_model(2)
     model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
     files, labels = photos("train", 12)
-    _, images, _ = predict.read_images(files, SIZE)
+    _, images, _ = loading.read_images(files, SIZE)
     model.fit(images.astype(np.float32), labels, epochs=5, batch_size=8, verbose=0)
     files, labels = photos("validation", 4)
-    _, images, _ = predict.read_images(files, SIZE)
+    _, images, _ = loading.read_images(files, SIZE)
     _, accuracy = model.evaluate(images.astype(np.float32), labels, verbose=0)
     return model, float(accuracy)
 
@@ -128,7 +128,7 @@ def test_serve_the_champion_and_classify_a_cat_and_a_dog(tmp_path):
         )
         assert status == 200, body
         by_path = check_predictions(body["predictions"])
-        _, images, _ = predict.read_images([cat, dog], SIZE)
+        _, images, _ = loading.read_images([cat, dog], SIZE)
         status, body = request(f"{base}/invocations", {"inputs": images.tolist()})
         assert status == 200, body
         np.testing.assert_allclose(check_predictions(body["predictions"]), by_path, rtol=1e-5)

@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import finetune, predict, stage
+from src import predict
+from src.outputs import folders
+from src.serving import loading
+from src.stages import finetune, stage
 from src.train import STAGES
 from tests.conftest import CATS_DOGS, GTSRB, make_cfg, require_shared
 
@@ -49,16 +52,17 @@ def test_extract_caches_vgg16_features_equal_to_keras_preprocess_and_predict(pip
 
 
 def test_bfloat16_features_stay_close_to_float32(pipeline, tmp_path):
-    from src import models, precision
+    from src.fitting import precision
+    from src.models import networks
 
     cfg, tmp, _ = pipeline
     images = np.load(tmp / "work" / "prepared" / "images_test.npy")[:8]
     features = {}
     for policy in ("float32", "mixed_bfloat16"):
         precision.use(policy)
-        base = models.conv_base(cfg.model, 64)
+        base = networks.conv_base(cfg.model, 64)
         path = tmp_path / f"{policy}.npy"
-        models.predict_to_file(base, models.preprocessing(cfg.model), images, 4, path)
+        networks.predict_to_file(base, networks.preprocessing(cfg.model), images, 4, path)
         features[policy] = np.load(path)
     precision.use("float32")
     assert features["mixed_bfloat16"].dtype == np.float32  # stored as float32 whatever the policy
@@ -69,7 +73,7 @@ def test_bfloat16_features_stay_close_to_float32(pipeline, tmp_path):
 
 
 def test_precision_auto_follows_the_hardware():
-    from src import precision
+    from src.fitting import precision
 
     expected = "mixed_bfloat16" if precision.cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
     if not precision.gpu_has_tensor_cores():
@@ -80,7 +84,7 @@ def test_precision_auto_follows_the_hardware():
 def test_xla_choice_follows_the_measured_rule():
     import tensorflow as tf
 
-    from src import precision
+    from src.fitting import precision
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     assert precision.use_xla("auto") is on_gpu  # XLA did not help on the CPUs measured
@@ -123,7 +127,8 @@ def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeli
     import keras
     from omegaconf import OmegaConf
 
-    from src import datasets, evaluate
+    from src.data import arrays
+    from src.stages import evaluate
 
     cfg, tmp, _ = pipeline
     augment = (
@@ -154,7 +159,7 @@ def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeli
         model = keras.saving.load_model(Path(run_cfg.paths.models) / "final.keras")
         assert model.input_shape == (None, 64, 64, 3)
         # the saved whole-network model scores the validation images as the best epoch did
-        images, labels = datasets.load_images(run_cfg, "val")
+        images, labels = arrays.load_images(run_cfg, "val")
         scores, _ = evaluate.score(model, images, labels, 2, 16)
         best = histories[cached].loc[histories[cached].val_loss.idxmin()]
         assert scores["accuracy"] == pytest.approx(best.val_accuracy, abs=1e-6)
@@ -165,16 +170,16 @@ def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeli
 def test_cosine_schedule_decays_the_learning_rate_to_zero_over_all_epochs():
     import keras
 
-    from src import models
+    from src.models import networks
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(10, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int64")
-    steps = models.decay_steps("cosine", 2, len(x), 4)
-    assert steps == 6 and models.decay_steps("constant", 2, len(x), 4) == 0
+    steps = networks.decay_steps("cosine", 2, len(x), 4)
+    assert steps == 6 and networks.decay_steps("constant", 2, len(x), 4) == 0
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
-    models.compile_model(model, 2, "adam", 1e-2, decay_steps=steps)
+    networks.compile_model(model, 2, "adam", 1e-2, decay_steps=steps)
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-2)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)  # 3 of 6 steps: half way down the cosine
     assert float(model.optimizer.learning_rate) == pytest.approx(5e-3, rel=1e-4)
@@ -221,8 +226,8 @@ def test_predict_classifies_validation_images(pipeline, capsys):
     _, tmp, _ = pipeline
     folder = CATS_DOGS / "validation" / "dogs"
     files = sorted(folder.iterdir())[:3]
-    model, classes = predict.load_model(str(tmp / "work" / "models" / "final.keras"))
-    rows = predict.predict(model, classes, files)
+    model, classes = loading.load_model(str(tmp / "work" / "models" / "final.keras"))
+    rows = loading.predict(model, classes, files)
     assert [r["path"] for r in rows] == [str(f) for f in files]
     assert all(r["class"] in ("cats", "dogs") and 0.5 <= r["probability"] <= 1.0 for r in rows)
     assert predict.main([str(files[0]), "--model", str(tmp / "work" / "models" / "final.keras")]) == 0
@@ -262,7 +267,7 @@ def test_from_scratch_model_flows_through_the_same_stages(tmp_path):
     results = run_all(cfg)
     assert results["extract"]["pretrained"] is False
     assert sorted(p.name for p in (tmp_path / "work" / "features").iterdir()) == [
-        stage.MARKER,
+        folders.MARKER,
         "info.json",
     ]
     assert results["finetune"]["unfrozen"] == [] and results["finetune"]["epochs"] == 0

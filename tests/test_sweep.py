@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from src import cache, compare, prepare, sweep, tracking, tracking_server
-from src.config import REPO_ROOT, project_root
+from src import compare
+from src.config.paths import REPO_ROOT, project_root
+from src.outputs import reuse
+from src.stages import prepare
+from src.tracking import store, sweep
 from tests.conftest import SHARED, free_port, make_cfg, path_overrides, require_shared
 
 # --- cache keys ----------------------------------------------------------------------------
@@ -34,27 +37,27 @@ def prepared_cfg(tmp_path, shared):
 
 
 def test_prepare_key_follows_dataset_settings_only(prepared_cfg):
-    key = cache.stage_key(prepared_cfg, "prepare")
+    key = reuse.stage_key(prepared_cfg, "prepare")
     prepared_cfg.head.dropout = 0.1
     prepared_cfg.finetune.layers = 2
-    assert cache.stage_key(prepared_cfg, "prepare") == key
+    assert reuse.stage_key(prepared_cfg, "prepare") == key
     prepared_cfg.dataset.image_size = 48
-    assert cache.stage_key(prepared_cfg, "prepare") != key
+    assert reuse.stage_key(prepared_cfg, "prepare") != key
 
 
 def test_reuse_or_run_builds_once_then_reuses(prepared_cfg):
-    first = cache.reuse_or_run(prepared_cfg, "prepare", prepare.run)
+    first = reuse.reuse_or_run(prepared_cfg, "prepare", prepare.run)
     assert first["reused"] is False
     built = Path(prepared_cfg.paths.prepared)
     assert built.parent == Path(prepared_cfg.paths.cache) / "prepare"
     assert json.loads((built / "info.json").read_text())["cache_key"] == first["cache_key"]
-    second = cache.reuse_or_run(prepared_cfg, "prepare", prepare.run)
+    second = reuse.reuse_or_run(prepared_cfg, "prepare", prepare.run)
     assert second["reused"] is True and Path(prepared_cfg.paths.prepared) == built
 
 
 def test_project_root_of_a_dvc_experiment_copy_is_the_repo_dvc_names(monkeypatch, tmp_path):
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    assert project_root() == REPO_ROOT and project_root() / "mlruns" == tracking.STORE_DIR
+    assert project_root() == REPO_ROOT and project_root() / "mlruns" == store.STORE_DIR
     copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12"
     copy.mkdir(parents=True)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "proj"))  # what `dvc exp run` sets in a copy
@@ -178,7 +181,7 @@ def mlflow_server(store_uri: str) -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        tracking_server.wait_until_up(f"http://127.0.0.1:{port}", server, timeout=90)
+        server.wait_until_up(f"http://127.0.0.1:{port}", server, timeout=90)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
@@ -288,7 +291,7 @@ def test_the_mlflow_ui_compares_the_sweeps_child_runs_in_headless_chromium(basic
 def test_child_runs_are_named_by_their_swept_values_only(tmp_path):
     """Values the command line fixes are left out of child run names, however Hydra re-spells
     them in the job's overrides (spaces dropped, characters escaped)."""
-    from src.config import compose
+    from src.config.compose import compose
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

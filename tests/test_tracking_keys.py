@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import evaluate, tracking
-from src.config import compose
-from src.stage import StageError
+from src.config.compose import compose
+from src.errors import StageError
+from src.stages import evaluate
+from src.tracking import pipeline_run, store
 from tests.conftest import path_overrides
 
 SIZE = 16
@@ -80,15 +81,15 @@ def artifact_json(client, run_id: str, name: str, dest: Path):
 
 def test_safe_keys_are_valid_distinct_and_stable():
     keys = [f"test.f1.{c}" for c in AWKWARD] + ["head.val_loss", "x:y", "a//b", "../up", "k" * 300]
-    names = tracking.safe_keys(keys)
+    names = store.safe_keys(keys)
     assert names["test.f1.dogs, big (2)"] == "test.f1.dogs__big__2_"
     assert names["test.f1.a_b"] == "test.f1.a_b" and names["head.val_loss"] == "head.val_loss"
     assert names["test.f1.a,b"].startswith("test.f1.a_b_") and names["test.f1.a(b"].startswith("test.f1.a_b_")
     assert len(set(names.values())) == len(keys)
     assert all(MLFLOW_KEY.match(v) and len(v) <= 250 for v in names.values())
     assert all(not v.startswith(("/", "..")) and "//" not in v for v in names.values())
-    assert tracking.safe_keys(reversed(keys)) == names  # the same names whatever the order
-    assert tracking.renamed(names)["test.f1.dogs__big__2_"] == "test.f1.dogs, big (2)"
+    assert store.safe_keys(reversed(keys)) == names  # the same names whatever the order
+    assert store.renamed(names)["test.f1.dogs__big__2_"] == "test.f1.dogs, big (2)"
 
 
 def test_log_pipeline_run_with_class_names_mlflow_refuses(tmp_path, monkeypatch):
@@ -104,7 +105,7 @@ def test_log_pipeline_run_with_class_names_mlflow_refuses(tmp_path, monkeypatch)
     classes_file = tmp_path / "classes.json"
     classes_file.write_text(json.dumps(AWKWARD))
     metrics = {"test.accuracy": 0.5, **{f"test.f1.{c}": 0.1 * i for i, c in enumerate(AWKWARD)}}
-    logged = tracking.log_pipeline_run(
+    logged = pipeline_run.log_pipeline_run(
         cfg,
         model=tiny_model(len(AWKWARD)),
         classes=AWKWARD,
@@ -184,6 +185,6 @@ def test_evaluate_without_a_validation_accuracy(tmp_path):
 
 def test_varied_settings_are_the_overrides_of_the_preset_not_the_paths():
     cfg = compose(["experiment=ci", "finetune.layers=2", "head.dropout=0.3", "paths.models=/tmp/elsewhere"])
-    assert tracking.varied_settings(cfg) == ["head.dropout=0.3", "finetune.layers=2"]
-    assert tracking.varied_settings(compose(["experiment=ci"])) == []
-    assert tracking.run_name(compose(["experiment=ci"]), "0123456789abcdef") == "ci 01234567"
+    assert store.varied_settings(cfg) == ["head.dropout=0.3", "finetune.layers=2"]
+    assert store.varied_settings(compose(["experiment=ci"])) == []
+    assert store.run_name(compose(["experiment=ci"]), "0123456789abcdef") == "ci 01234567"

@@ -10,8 +10,9 @@ import urllib.request
 
 import pytest
 
-from src import tracking_server
-from src.config import compose, validate
+from src.config.checks import validate
+from src.config.compose import compose
+from src.tracking import server as tracking_server
 from src.train import train
 from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, free_port, local_postgres, path_overrides, require_shared
 

@@ -93,7 +93,7 @@ class OptunaStudySweeper(Sweeper):
         import optuna
         from sqlalchemy.exc import SQLAlchemyError
 
-        from src.optuna_trials import make_pruner
+        from src.fitting.optuna_trials import make_pruner
 
         for attempt in range(5):
             try:
@@ -114,7 +114,7 @@ class OptunaStudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
-        from src.optuna_trials import PRUNED_ATTR, TRIAL_KEY, storage_url
+        from src.fitting.optuna_trials import PRUNED_ATTR, TRIAL_KEY, storage_url
 
         parser = OverridesParser.create()
         space = {

@@ -2,6 +2,6 @@
 which adds the repository root to the import path: registers the OmegaConf resolvers that
 `conf/` uses, so DVC composes the same `params.yaml` as `python -m src.params`."""
 
-from src.config import register_resolvers
+from src.config.compose import register_resolvers
 
 register_resolvers()

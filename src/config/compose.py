@@ -1,0 +1,72 @@
+"""Compose `conf/` with Hydra, write and load `params.yaml`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.config.paths import CONF_DIR, PARAMS_FILE, resolve_input
+from src.errors import ConfigError
+from src.outputs.atomic import atomic_file
+
+
+def input_path(value: object, stand_in: str) -> str:
+    """The file or folder DVC should hash for a configured input (`dataset.path`,
+    `model.weights`): the input itself, absolute, when it is a path; otherwise (`null`,
+    `imagenet`: nothing on disk to hash, the code that fetches or initialises it decides)
+    `stand_in`, a source file the stage depends on anyway."""
+    if value in (None, "imagenet", "???"):
+        return stand_in
+    return str(resolve_input(str(value)).resolve())
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers that `conf/` uses; also loaded by DVC's Hydra composition
+    (`hydra_plugins/`)."""
+    OmegaConf.register_new_resolver("input_path", input_path, replace=True)
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides and resolve interpolations.
+
+    An unknown key, group or preset is a ConfigError naming it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        if OmegaConf.is_missing(cfg.dataset, "path"):
+            raise ConfigError("dataset.path is required for dataset=folder: set dataset.path=/path/to/images")
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        message = " ".join(lines).split(" Config search path:")[0] or type(err).__name__
+        raise ConfigError(f"{message} (overrides: {' '.join(overrides) or 'none'})") from err
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The YAML text of a composed config, as DVC's Hydra composition writes it."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def write_params(cfg: DictConfig, path: Path = PARAMS_FILE) -> Path:
+    """Write `cfg` to `path` atomically (temp file in the same folder, then rename)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(to_yaml(cfg), encoding="utf-8")
+    return path
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> DictConfig:
+    """Load the composed parameters that DVC tracks (`params.yaml`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: create it with `python -m src.params`")
+    cfg = OmegaConf.load(path)
+    assert isinstance(cfg, DictConfig)
+    return cfg

@@ -1,0 +1,79 @@
+"""Label CSVs of flat test folders: delimiter and columns found from the header."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from src.data.report import _listed
+from src.data.scan import Item, Scan
+from src.errors import StageError
+
+CSV_DELIMITERS = ",;\t|"
+
+
+PATH_COLUMNS = ("path", "filename", "file")
+
+
+LABEL_COLUMNS = ("label", "classid", "class")
+
+
+def _delimiter(header: str) -> str:
+    """The delimiter of a label CSV, sniffed from its header line among `, ; tab |` (else a comma)."""
+    try:
+        return csv.Sniffer().sniff(header, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def _read_labels_csv(csv_path: Path, bases: tuple[Path, ...], scan: Scan) -> list[Item]:
+    """(class, image path) pairs from a CSV whose columns include a path and a label, found by
+    header name (path/filename/file, label/classid/class; else the first two), with `,` `;`
+    tab or `|` between them. A path is taken relative to the first of `bases` where it exists.
+
+    A row repeating an earlier one is reported and kept once; the same image with two labels
+    is an error naming the lines."""
+    if not csv_path.is_file():
+        raise StageError(f"dataset.test_labels_csv: {csv_path} does not exist")
+    scan.csv_file = csv_path
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        delimiter = _delimiter(f.readline())
+        f.seek(0)
+        reader = csv.reader(f, delimiter=delimiter)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if not header:
+            raise StageError(f"dataset.test_labels_csv: {csv_path} is empty (expected a header path,label)")
+        path_col = next((i for i, h in enumerate(header) if h in PATH_COLUMNS), 0)
+        label_col = next((i for i, h in enumerate(header) if h in LABEL_COLUMNS), 1)
+        pairs: list[Item] = []
+        seen: dict[str, tuple[str, int]] = {}
+        conflicts = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            line = reader.line_num
+            if len(row) <= max(path_col, label_col):
+                raise StageError(f"{csv_path} line {line}: expected a path and a label, got {row!r}")
+            rel, label = row[path_col].strip(), row[label_col].strip()
+            candidates = [base / rel for base in bases]
+            image = next((c for c in candidates if c.exists()), candidates[-1])
+            key = os.path.normpath(image)
+            if key in seen:
+                first_label, first_line = seen[key]
+                if first_label != label:
+                    conflicts.append(f"{rel}: {first_label!r} on line {first_line}, {label!r} on line {line}")
+                else:
+                    scan.csv_duplicates.append(
+                        {"csv": str(csv_path), "lines": [first_line, line], "path": rel, "label": label}
+                    )
+                continue
+            seen[key] = (label, line)
+            scan.csv_lines[image] = line
+            pairs.append((label, image))
+    if conflicts:
+        raise StageError(
+            f"{csv_path} gives {len(conflicts)} image(s) two different labels:\n{_listed(conflicts)}\n"
+            "each image must be labelled once: fix the CSV"
+        )
+    return pairs

@@ -1,0 +1,280 @@
+"""Keras models of the pipeline: pretrained conv bases, their input preprocessing, the dense
+head, the from-scratch CNN, augmentation, and the full image -> class model.
+
+Every model here uses stock Keras layers only, so a saved `.keras` file loads anywhere with
+`keras.saving.load_model` (no custom objects to register)."""
+
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import DictConfig
+
+from src.config.checks import BACKBONES
+from src.config.paths import resolve_input
+from src.data import arrays
+
+# Channel means that VGG16 and ResNet50 (Keras' "caffe" preprocessing) subtract, in BGR order.
+CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def output_spec(n_classes: int) -> tuple[int, str, str]:
+    """(units, activation, loss): sigmoid + binary CE for 2 classes, softmax + sparse CE for more."""
+    if n_classes == 2:
+        return 1, "sigmoid", "binary_crossentropy"
+    return n_classes, "softmax", "sparse_categorical_crossentropy"
+
+
+def probabilities(raw: np.ndarray) -> np.ndarray:
+    """Model outputs as an (N, n_classes) probability matrix (a sigmoid output becomes 2 columns)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim == 2 and raw.shape[1] == 1:
+        return np.concatenate([1.0 - raw, raw], axis=1)
+    return raw
+
+
+def optimizer(name: str, learning_rate: float, decay_steps: int = 0):
+    """A Keras optimizer; with `decay_steps`, its learning rate follows a cosine from
+    `learning_rate` down to 0 over that many steps."""
+    keras = _keras()
+    rate = (
+        keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
+    )
+    return {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[
+        name
+    ](learning_rate=rate)
+
+
+def decay_steps(schedule: str, epochs: int, examples: int, batch_size: int) -> int:
+    """Optimizer steps for the learning-rate schedule: all steps of `epochs` epochs for
+    "cosine", 0 (a constant rate) for "constant"."""
+    return epochs * -(-examples // batch_size) if schedule == "cosine" else 0
+
+
+def compile_model(
+    model,
+    n_classes: int,
+    optimizer_name: str,
+    learning_rate: float,
+    jit_compile: bool = False,
+    decay_steps: int = 0,
+) -> None:
+    _, _, loss = output_spec(n_classes)
+    model.compile(
+        optimizer=optimizer(optimizer_name, learning_rate, decay_steps),
+        loss=loss,
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+
+
+def preprocessing(model_cfg: DictConfig):
+    """The input preprocessing of a model as a frozen layer on RGB 0-255 images.
+
+    VGG16/ResNet50 ("caffe"): RGB -> BGR and ImageNet mean subtraction, done by a fixed 1x1
+    convolution (a channel permutation plus bias), which equals `preprocess_input` exactly.
+    From scratch: scale to [0, 1]."""
+    keras = _keras()
+    if model_cfg.name not in BACKBONES:
+        return keras.layers.Rescaling(1.0 / 255, name="preprocess")
+    flip = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    for out_channel, in_channel in enumerate((2, 1, 0)):  # output BGR from input RGB
+        flip[0, 0, in_channel, out_channel] = 1.0
+    bias = -np.array(CAFFE_BGR_MEANS, dtype=np.float32)
+    layer = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False)
+    layer.build((None, None, None, 3))
+    layer.set_weights([flip, bias])
+    return layer
+
+
+def conv_base(model_cfg: DictConfig, image_size: int):
+    """The pretrained conv base (no top) with weights `imagenet`, a file path, or random (null)."""
+    keras = _keras()
+    app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[model_cfg.name]
+    weights = model_cfg.weights
+    if weights not in (None, "imagenet"):
+        weights = str(resolve_input(weights))
+    try:
+        return app(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
+    except Exception as err:
+        from src.errors import StageError
+
+        if weights == "imagenet":
+            raise StageError(
+                f"could not load the ImageNet weights of {model_cfg.name} ({err}). Keras downloads them "
+                "once into ~/.keras/models; offline, point model.weights at a local .weights.h5 file "
+                "(e.g. model.weights=/path/to/vgg16_imagenet_notop.weights.h5)"
+            ) from err
+        if weights is not None:
+            raise StageError(
+                f"model.weights={model_cfg.weights}: could not load it into {model_cfg.name} ({err}); "
+                f"use the conv-base (no top) weights of {model_cfg.name}"
+            ) from err
+        raise
+
+
+def augmentation(augment_cfg: DictConfig, seed: int):
+    """A Sequential of random image layers (identity at inference), or None when all are off."""
+    keras = _keras()
+    layers = []
+    if augment_cfg.flip:
+        layers.append(keras.layers.RandomFlip(augment_cfg.flip, seed=seed))
+    if augment_cfg.rotation:
+        layers.append(keras.layers.RandomRotation(augment_cfg.rotation, seed=seed))
+    if augment_cfg.translate:
+        layers.append(keras.layers.RandomTranslation(augment_cfg.translate, augment_cfg.translate, seed=seed))
+    if augment_cfg.shear:
+        layers.append(keras.layers.RandomShear(augment_cfg.shear, augment_cfg.shear, seed=seed))
+    if augment_cfg.zoom:
+        layers.append(keras.layers.RandomZoom(augment_cfg.zoom, seed=seed))
+    return keras.Sequential(layers, name="augmentation") if layers else None
+
+
+def _dense_stack(x, head_cfg: DictConfig, n_classes: int):
+    """[BN] -> Dense -> Dropout for each hidden size, then [BN] -> output layer."""
+    keras = _keras()
+    for i, units in enumerate(head_cfg.units):
+        if head_cfg.batchnorm:
+            x = keras.layers.BatchNormalization(name=f"head_bn{i}")(x)
+        x = keras.layers.Dense(units, activation=head_cfg.activation, name=f"head_dense{i}")(x)
+        if head_cfg.dropout:
+            x = keras.layers.Dropout(head_cfg.dropout, name=f"head_dropout{i}")(x)
+    if head_cfg.batchnorm:
+        x = keras.layers.BatchNormalization(name="head_bn_out")(x)
+    units, activation, _ = output_spec(n_classes)
+    # float32 output: probabilities and the loss stay exact under a mixed precision policy
+    return keras.layers.Dense(units, activation=activation, name="predictions", dtype="float32")(x)
+
+
+def head(head_cfg: DictConfig, feature_shape: tuple[int, ...], n_classes: int):
+    """The dense classifier that trains on cached conv features."""
+    keras = _keras()
+    inputs = keras.Input(shape=feature_shape, name="features")
+    pool = keras.layers.Flatten if head_cfg.pooling == "flatten" else keras.layers.GlobalAveragePooling2D
+    x = pool(name="head_pool")(inputs)
+    return keras.Model(inputs, _dense_stack(x, head_cfg, n_classes), name="head")
+
+
+def full_model(base, head_model, model_cfg: DictConfig, augment_cfg: DictConfig, seed: int):
+    """RGB image (0-255) -> [augmentation] -> preprocessing -> conv base -> head."""
+    keras = _keras()
+    size = base.input_shape[1]
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = inputs
+    augment = augmentation(augment_cfg, seed)
+    if augment is not None:
+        x = augment(x)  # random only while training
+    x = preprocessing(model_cfg)(x)
+    x = base(x, training=False)  # BatchNorm layers of the base stay in inference mode, even when unfrozen
+    outputs = head_model(x)
+    return keras.Model(inputs, outputs, name=f"{model_cfg.name}_classifier")
+
+
+def scratch_model(
+    model_cfg: DictConfig,
+    head_cfg: DictConfig,
+    augment_cfg: DictConfig,
+    image_size: int,
+    n_classes: int,
+    seed: int,
+):
+    """A small CNN trained from scratch: conv blocks, then the same dense stack as the head."""
+    keras = _keras()
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = inputs
+    augment = augmentation(augment_cfg, seed)
+    if augment is not None:
+        x = augment(x)
+    x = preprocessing(model_cfg)(x)
+    for block, filters in enumerate(model_cfg.filters):
+        for conv in range(model_cfg.convs_per_block):
+            x = keras.layers.Conv2D(
+                filters,
+                3,
+                padding="same",
+                use_bias=not model_cfg.batchnorm,
+                name=f"block{block + 1}_conv{conv + 1}",
+            )(x)
+            if model_cfg.batchnorm:
+                x = keras.layers.BatchNormalization(name=f"block{block + 1}_bn{conv + 1}")(x)
+            x = keras.layers.Activation("relu", name=f"block{block + 1}_relu{conv + 1}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{block + 1}_pool")(x)
+    pool = keras.layers.Flatten if head_cfg.pooling == "flatten" else keras.layers.GlobalAveragePooling2D
+    x = pool(name="head_pool")(x)
+    if not head_cfg.units and head_cfg.dropout:
+        x = keras.layers.Dropout(head_cfg.dropout, name="head_dropout")(x)
+    return keras.Model(inputs, _dense_stack(x, head_cfg, n_classes), name=f"{model_cfg.name}_classifier")
+
+
+def split_at(base, n_top: int):
+    """(bottom, top) of a sequential conv base such as VGG16: `bottom` maps images to the
+    activations before the last `n_top` layers, `top` maps those to the base's output, reusing
+    (sharing weights with) the base's own layers. None for bases with branches (ResNet50)."""
+    keras = _keras()
+    layers = base.layers[1:]
+    if any(
+        len(layer._inbound_nodes) != 1 or len(layer._inbound_nodes[0].input_tensors) != 1 for layer in layers
+    ):
+        return None
+    boundary = layers[len(layers) - n_top - 1].output if n_top < len(layers) else base.input
+    bottom = keras.Model(base.input, boundary, name="frozen_bottom")
+    x = inputs = keras.Input(shape=boundary.shape[1:], name="boundary_activations")
+    for layer in layers[len(layers) - n_top :]:
+        x = layer(x)
+    return bottom, keras.Model(inputs, x, name="trainable_top")
+
+
+def unfreeze_top(base, n_layers: int) -> list[str]:
+    """Make only the last `n_layers` layers of the base trainable; return their names."""
+    layers = base.layers[1:]  # skip the InputLayer: counting starts at the first conv layer
+    base.trainable = True
+    for layer in layers[: len(layers) - n_layers]:
+        layer.trainable = False
+    return [layer.name for layer in layers[len(layers) - n_layers :]] if n_layers else []
+
+
+def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_path) -> tuple[int, ...]:
+    """Write base(preprocess(images)) to `out_path` as a float32 .npy, one batch at a time.
+
+    Batches are read from the file behind a memory-mapped array with plain reads and the
+    output is appended to the file, so neither stays mapped into the process: its memory
+    does not grow with the dataset. Where stdout is not a terminal, a progress line is logged
+    every so often (`src.progress`)."""
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    from src.fitting import progress
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        x = tf.cast(x, tf.float32)
+        return tf.cast(base(preprocess(x), training=False), tf.float32)  # stored as float32
+
+    shape = (len(images), *base.output_shape[1:])
+    spec = tf.TensorSpec((None, *images.shape[1:]), tf.as_dtype(images.dtype))
+    batches = tf.data.Dataset.from_generator(
+        lambda: arrays.read_batches(images, batch_size), output_signature=spec
+    )
+    written = 0
+    counter = progress.Progress(Path(out_path).name, len(images), "images")
+    with open(out_path, "wb") as out:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        np.lib.format.write_array_header_1_0(out, header)
+        for batch in batches.prefetch(2):
+            features = forward(batch).numpy()
+            out.write(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+            written += len(features)
+            counter.update(len(features))
+    if written != len(images):
+        raise RuntimeError(f"{out_path}: wrote {written} rows for {len(images)} images")
+    return shape

@@ -1,0 +1,190 @@
+"""Stage `finetune`: rebuild conv base + trained head, unfreeze the top of the base, and train
+end to end on images with augmentation at a low learning rate.
+
+`finetune.layers` counts Keras layers of the base after its input, pooling included: for
+VGG16, 4 = block 5 (three convs and the pool), 8 = blocks 4 and 5. With 0 (or a model
+trained from scratch) nothing is trained: the assembled model is passed on unchanged.
+BatchNorm layers of the base stay in inference mode (the base is called with training=False).
+Writes `<paths.models>/final.keras` (image in, probabilities out) and
+`<paths.reports>/finetune/history.csv`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from src.config.checks import is_pretrained
+from src.config.paths import resolve_path
+from src.data import arrays
+from src.fitting import distribute, fit, optuna_trials, precision
+from src.models import networks
+from src.outputs import folders
+from src.stages import stage
+from src.tracking import live_metrics
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fine-tune the top `finetune.layers` layers and save the final model."""
+    import keras
+
+    chosen = distribute.strategy(cfg.train)  # before anything starts TensorFlow (multi-worker)
+    keras.utils.set_random_seed(cfg.seed)
+    model_dir = resolve_path(cfg.paths.models)
+    history_path = resolve_path(cfg.paths.reports) / "finetune" / "history.csv"
+    (model_dir / "temperature.json").unlink(missing_ok=True)  # fitted for an earlier final model
+    if not is_pretrained(cfg):
+        log.info("%s was trained from scratch in train_head: passing it on", cfg.model.name)
+        head_model = keras.saving.load_model(model_dir / "head.keras")
+        result = fit.fit_best(head_model, None, None, 0, model_dir / "final.keras", history_path)
+        return {**result, "unfrozen": []}
+
+    classes = arrays.load_classes(cfg)
+    with chosen.scope():  # the model's variables, its optimizer and `fit` on the strategy's devices
+        head_model = keras.saving.load_model(model_dir / "head.keras")  # float32, as saved
+        policy = precision.use(cfg.train.precision)  # the base computes in it; the head keeps float32
+        xla = precision.use_xla(cfg.train.jit_compile)
+        return _fine_tune(cfg, chosen, head_model, model_dir, history_path, len(classes), policy, xla)
+
+
+def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_classes: int, policy: str,
+               xla: bool) -> dict:  # fmt: skip
+    ft = cfg.finetune
+    base = networks.conv_base(cfg.model, cfg.dataset.image_size)
+    model = networks.full_model(base, head_model, cfg.model, cfg.augment, cfg.seed)
+    unfrozen = networks.unfreeze_top(base, ft.layers)
+    epochs = ft.epochs if ft.layers > 0 else 0
+    log.info("unfrozen layers (%d): %s", len(unfrozen), ", ".join(unfrozen) or "none")
+    n_train = len(arrays.load_images(cfg, "train")[1])
+    steps = networks.decay_steps(ft.schedule, epochs, n_train, ft.batch_size * chosen.num_replicas_in_sync)
+    # Recompile after changing `trainable`, so the change takes effect.
+    networks.compile_model(
+        model, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=steps
+    )
+    trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
+    summary = {
+        "unfrozen": unfrozen,
+        "trainable_parameters": trainable,
+        "cached_activations": False,
+        "precision": policy,
+        "jit_compile": xla,
+        "replicas": chosen.num_replicas_in_sync,
+    }
+    model_path = distribute.output_dir(model_dir) / "final.keras"  # the chief's, or a worker's scratch
+    history_path = distribute.output_dir(history_path.parent) / history_path.name
+    if not epochs:
+        result = fit.fit_best(model, None, None, 0, model_path, history_path)
+        return {**result, **summary}
+    live = live_metrics.callback(cfg, "finetune") if distribute.is_chief() else None
+    callbacks = (live, optuna_trials.pruning_callback(optuna_trials.job_trial(cfg), "finetune"))
+    batch = distribute.worker_batch(ft.batch_size, chosen)
+    # None for bases with branches (ResNet50): then every epoch runs the whole network
+    split = networks.split_at(base, ft.layers) if ft.cached_activations else None
+    if split is None:
+        x_train, y_train = arrays.load_images(cfg, "train")
+        x_val, y_val = arrays.load_images(cfg, "val")
+        train_data = arrays.batches(
+            x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+        )
+        val_data = arrays.batches(x_val, y_val, batch)
+        result = fit.fit_best(
+            model, train_data, val_data, epochs, model_path, history_path, callbacks=callbacks
+        )
+        return {**result, **summary}
+    augmented = networks.augmentation(cfg.augment, cfg.seed) is not None
+    result = _fit_from_boundary(
+        cfg,
+        split,
+        head_model,
+        model,
+        model_path,
+        history_path,
+        n_classes,
+        xla,
+        augmented,
+        steps,
+        batch,
+        callbacks,
+    )
+    return {**result, **summary, "cached_activations": not augmented, "cached_validation": True}
+
+
+def _fit_from_boundary(
+    cfg,
+    split,
+    head_model,
+    model,
+    model_path: Path,
+    history_path: Path,
+    n_classes: int,
+    xla: bool,
+    augmented: bool,
+    decay_steps: int,
+    batch: int,
+    callbacks: tuple,
+) -> dict:
+    """The frozen bottom gives the same activations every epoch for images that are not
+    augmented: compute them once and run only the unfrozen top and the head on them. Without
+    augmentation that is all of training and validation; with it, training runs the whole
+    network on augmented images and only validation uses the cached activations. The top's
+    layers are the base's own, so `model` (image in) holds the trained weights and is saved."""
+    import keras
+
+    ft = cfg.finetune
+    bottom, top = split
+    preprocess = networks.preprocessing(cfg.model)
+    with folders.scratch_dir(model_path.parent, "activations") as tmp:
+        data = {}
+        for name in ("val",) if augmented else ("train", "val"):
+            images, labels = arrays.load_images(cfg, name)
+            shape = networks.predict_to_file(
+                bottom, preprocess, images, cfg.train.batch_size, tmp / f"{name}.npy"
+            )
+            data[name] = (np.load(tmp / f"{name}.npy", mmap_mode="r"), labels)
+        log.info("cached activations at the freeze boundary %s (%s)", shape[1:], ", ".join(data))
+        inputs = keras.Input(shape=shape[1:], name="boundary_activations")
+        top_and_head = keras.Model(inputs, head_model(top(inputs, training=False)), name="top_and_head")
+        networks.compile_model(
+            top_and_head, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=decay_steps
+        )
+        x_val, y_val = data["val"]
+        val_data = arrays.batches(x_val, y_val, batch)
+        if augmented:  # `model` trains on images; `top_and_head` shares its weights and validates
+            x_train, y_train = arrays.load_images(cfg, "train")
+            train_data = arrays.batches(
+                x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+            )
+            validation = fit.validate_with(top_and_head, val_data)
+            return fit.fit_best(
+                model,
+                train_data,
+                None,
+                ft.epochs,
+                model_path,
+                history_path,
+                validation=validation,
+                callbacks=callbacks,
+            )
+        x_train, y_train = data["train"]
+        train_data = arrays.batches(
+            x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+        )
+        return fit.fit_best(
+            top_and_head,
+            train_data,
+            val_data,
+            ft.epochs,
+            model_path,
+            history_path,
+            final_model=model,
+            callbacks=callbacks,
+        )
+
+
+if __name__ == "__main__":
+    stage.main("finetune", run)

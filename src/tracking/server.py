@@ -1,0 +1,183 @@
+"""A team's MLflow tracking server: runs and the model registry in PostgreSQL, artifacts proxied
+by the server (`--artifacts-destination`: a local folder by default, `s3://bucket/prefix` for an
+S3-compatible store), so clients need neither database credentials nor storage access.
+
+    # against an existing PostgreSQL database
+    python -m src.tracking.server --backend-store-uri postgresql://mlflow:PASSWORD@db:5432/mlflow \\
+        --artifacts-destination s3://team-bucket/mlflow --host 0.0.0.0 --port 5000
+    # or start a PostgreSQL of its own in a folder (its binaries must be installed; see README)
+    python -m src.tracking.server --postgres-dir /srv/mlflow/pg --artifacts-destination /srv/mlflow/artifacts
+
+Clients then run `python -m src.train tracking=server tracking.uri=http://HOST:5000` (or
+`dvc repro` with that in params.yaml). The PostgreSQL started here trusts local connections
+and listens on loopback only; a database other machines reach needs its own users and passwords.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+DB_USER = DB_NAME = "mlflow"
+SERVICE_USER = "postgres"  # PostgreSQL will not run as root: as root, it runs as this user
+
+
+class ServerError(RuntimeError):
+    """PostgreSQL or the MLflow server could not be started."""
+
+
+def postgres_bindir() -> Path | None:
+    """The folder with `initdb`, `pg_ctl` and `postgres`: from PATH, else the newest Debian/Ubuntu
+    install under /usr/lib/postgresql; None when PostgreSQL's server binaries are not installed."""
+    if found := shutil.which("pg_ctl"):
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+def _as_service_user() -> list[str]:
+    """The command prefix that runs PostgreSQL's tools as a user it accepts."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError as err:
+        raise ServerError(f"running as root, and no user '{SERVICE_USER}' to run PostgreSQL as") from err
+    return ["runuser", "-u", SERVICE_USER, "--"]
+
+
+def _run(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip()[-2000:]
+        raise ServerError(f"{what} failed ({done.returncode}): {said}")
+
+
+def start_postgres(data_dir: Path, port: int, bindir: Path | None = None) -> str:
+    """Create (first time) and start a PostgreSQL cluster in `data_dir` listening on 127.0.0.1:`port`,
+    with a database and user `mlflow`; return its SQLAlchemy URI."""
+    bindir = bindir or postgres_bindir()
+    if bindir is None:
+        raise ServerError(
+            "PostgreSQL's server binaries (initdb, pg_ctl) were not found: install them "
+            "(Debian/Ubuntu: apt-get install postgresql) or pass --backend-store-uri of a running one"
+        )
+    prefix = _as_service_user()
+    data_dir = data_dir.resolve()
+    fresh = not (data_dir / "PG_VERSION").is_file()
+    if fresh:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if prefix:  # the service user owns the cluster
+            entry = pwd.getpwnam(SERVICE_USER)
+            os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+        _run([*prefix, str(bindir / "initdb"), "-D", str(data_dir), "-U", DB_USER, "--auth=trust",
+              "--encoding=UTF8", "--no-instructions"], "initdb")  # fmt: skip
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={data_dir}"
+    _run([*prefix, str(bindir / "pg_ctl"), "-D", str(data_dir), "-o", options,
+          "-l", str(data_dir / "server.log"), "-w", "-t", "60", "start"], "pg_ctl start")  # fmt: skip
+    if fresh:
+        _run([*prefix, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, DB_NAME],
+             "createdb")  # fmt: skip
+    return f"postgresql://{DB_USER}@127.0.0.1:{port}/{DB_NAME}"
+
+
+def stop_postgres(data_dir: Path, bindir: Path | None = None) -> None:
+    """Stop the cluster in `data_dir` (fast shutdown)."""
+    bindir = bindir or postgres_bindir()
+    if bindir is not None and (data_dir / "postmaster.pid").is_file():
+        _run([*_as_service_user(), str(bindir / "pg_ctl"), "-D", str(data_dir.resolve()), "-m", "fast", "-w",
+              "stop"], "pg_ctl stop")  # fmt: skip
+
+
+def server_command(backend_store_uri: str, artifacts_destination: str, host: str, port: int,
+                   workers: int = 1) -> list[str]:  # fmt: skip
+    """`mlflow server` with the backend store and proxied artifact storage."""
+    if "://" not in artifacts_destination:  # a local folder
+        artifacts_destination = Path(artifacts_destination).resolve().as_uri()
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", artifacts_destination,
+        "--serve-artifacts",
+        "--host", host, "--port", str(port), "--workers", str(workers),
+    ]  # fmt: skip
+
+
+def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: float = 180.0) -> None:
+    """Wait until `url`/health answers, or fail (early, if `process` exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"mlflow server exited with status {process.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            if response.status == 200:
+                return
+        time.sleep(1)
+    raise ServerError(f"no answer from {url}/health within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def running_server(backend_store_uri: str, artifacts_destination: str, port: int, log_file: Path,
+                   host: str = "127.0.0.1") -> Iterator[str]:  # fmt: skip
+    """An MLflow server for the duration of the block; yields its URL."""
+    url = f"http://{host}:{port}"
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            server_command(backend_store_uri, artifacts_destination, host, port), stdout=log, stderr=log
+        )
+        try:
+            wait_until_up(url, process)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--backend-store-uri", help="postgresql://user:password@host:port/database")
+    where.add_argument("--postgres-dir", type=Path, help="start a local PostgreSQL with its data here")
+    parser.add_argument("--postgres-port", type=int, default=5432)
+    parser.add_argument("--artifacts-destination", default="mlartifacts",
+                        help="a folder or s3://bucket/prefix (default: ./mlartifacts)")  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    backend = args.backend_store_uri
+    try:
+        if args.postgres_dir is not None:
+            backend = start_postgres(args.postgres_dir, args.postgres_port)
+            print(f"PostgreSQL in {args.postgres_dir} at {backend}", flush=True)
+        command = server_command(backend, args.artifacts_destination, args.host, args.port, args.workers)
+        print(f"MLflow server on http://{args.host}:{args.port}", flush=True)
+        return subprocess.call(command)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if args.postgres_dir is not None:
+            with contextlib.suppress(ServerError):
+                stop_postgres(args.postgres_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Where MLflow runs go and what they are called: the store (the local SQLite file unless a
+server or another URI is configured), the experiment, run names from the settings that differ
+from the preset, and metric and param keys every store accepts. Light enough for the training
+stages, which log their epochs as they run (`src.live_metrics`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.config.paths import project_root
+
+STORE_DIR = project_root() / "mlruns"
+# Key characters every MLflow store takes: letters, digits, `_ - . /` (not all take spaces or colons).
+UNSAFE_KEY_CHARS = re.compile(r"[^\w./-]")
+MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param keys
+
+
+def default_uri() -> str:
+    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local SQLite store."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def use_store(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and select (creating if needed) the experiment."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri == default_uri():
+            STORE_DIR.mkdir(exist_ok=True)
+            location = (STORE_DIR / "artifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.set_experiment(name).experiment_id
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Resolved config as dotted keys -> strings (lists kept as their YAML-ish text)."""
+    out: dict[str, str] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            out[prefix] = "null" if node is None else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def safe_keys(keys: Iterable[str]) -> dict[str, str]:
+    """Map each key to one MLflow accepts on every store: characters outside letters, digits and
+    `_ - . /` become `_` (`dogs, big (2)` -> `dogs__big__2_`), a key that would read as a file path
+    (`a//b`, `../x`) loses its slashes, and keys that end up equal to another key get a short
+    suffix from a hash of their original text, so distinct keys stay distinct on every rerun."""
+    keys = list(dict.fromkeys(keys))
+    cleaned = {}
+    for key in keys:
+        safe = UNSAFE_KEY_CHARS.sub("_", key)
+        if posixpath.normpath(safe) != safe or safe.startswith(("/", "..")) or safe in ("", "."):
+            safe = safe.replace("/", "_")
+            if safe.startswith("..") or safe in ("", "."):
+                safe = "_" + safe
+        cleaned[key] = safe
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key, safe in cleaned.items():
+        groups[safe].append(key)
+    taken = {key for key, safe in cleaned.items() if key == safe}
+    out = {}
+    for key, safe in cleaned.items():
+        clash = safe != key and (len(groups[safe]) > 1 or safe in taken)
+        if clash or len(safe) > MAX_KEY_LENGTH:
+            digest = hashlib.sha1(key.encode()).hexdigest()
+            width = 6
+            while True:
+                suffix = "_" + digest[:width]
+                candidate = safe[: MAX_KEY_LENGTH - len(suffix)] + suffix
+                if candidate not in taken or width == len(digest):
+                    break
+                width += 2
+            safe = candidate
+        out[key] = safe
+        taken.add(safe)
+    return out
+
+
+def renamed(mapping: dict[str, str]) -> dict[str, str]:
+    """The entries of a `safe_keys` mapping that changed, as safe key -> original key."""
+    return {safe: key for key, safe in mapping.items() if safe != key}
+
+
+# Settings that say where things are, not what was trained: left out of run names.
+UNNAMED_SETTINGS = re.compile(
+    r"(experiment|preset|paths|tracking|inputs|hydra)(\.|$)|dataset\.path$|model\.weights$"
+)
+
+
+def varied_settings(cfg: DictConfig) -> list[str]:
+    """`key=value` for each setting of `cfg` that differs from its preset (or the defaults),
+    leaving out where things are (`paths`, `tracking`, `dataset.path`, ...). Under a Hydra
+    app they are its command-line overrides; otherwise the preset is composed and compared."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from src.config.compose import compose
+    from src.errors import ConfigError
+
+    if GlobalHydra.instance().is_initialized():  # inside `python -m src.train`
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:  # initialized, but not by a Hydra app run
+            overrides = []
+        pairs = [o.lstrip("+~").split("=", 1) for o in overrides if "=" in o]
+    else:
+        try:
+            preset = compose([] if cfg.preset == "default" else [f"experiment={cfg.preset}"])
+        except ConfigError:  # a preset this checkout does not have
+            return []
+        base, mine = flatten(preset), flatten(cfg)
+        pairs = [[k, v] for k, v in mine.items() if base.get(k) != v]
+    return [f"{k}={v}" for k, v in pairs if not UNNAMED_SETTINGS.match(k)]
+
+
+def run_name(cfg: DictConfig, run_id: str) -> str:
+    """What tells the run apart: its preset, the settings that differ from the preset, and the
+    start of its run id, e.g. `dlwp_cats_vs_dogs finetune.layers=8 3f9a1c2e`."""
+    varied = " ".join(varied_settings(cfg))
+    if len(varied) > 200:
+        varied = varied[:199] + "…"
+    return " ".join(part for part in (cfg.preset, varied, run_id[:8]) if part)
