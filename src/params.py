@@ -21,7 +21,8 @@ from src.errors import ConfigError
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     try:
-        cfg = validate(compose(overrides))
+        cfg = compose(overrides)  # validated while resolving, and again below
+        validate(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

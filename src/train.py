@@ -9,12 +9,15 @@
 
 Unlike `dvc repro`, this reads `conf/` directly (not params.yaml) and runs outside DVC, so
 DVC's cache does not serve it: prepared data and features are reused whenever their inputs
-match through `src.cache` (also those `dvc repro` or `dvc pull` left in `data/prepared` and
-`data/features`), so a sweep over head and fine-tune keys extracts features once. In a
-multirun each job writes its models and reports to its own Hydra job folder and logs a child
-run under the sweep's MLflow parent run (`src.sweep`); a failing job is recorded as FAILED and
-the sweep goes on. The job returns the final model's
-validation accuracy, which Hydra sweepers such as Optuna maximise.
+match through `src.outputs.reuse`, so a sweep over head and fine-tune keys extracts features once.
+It never reads or writes what `dvc repro` owns, which a concurrent `dvc repro` may replace
+mid-run: prepared data and features are read only from `<paths.cache>/<stage>/<key>/` (what
+`dvc repro` or `dvc pull` left in `data/prepared` and `data/features` is snapshotted there when
+its key matches), the raw data goes to `<paths.cache>/raw/<digest>` (`reuse.raw_dir`), and
+every job, single run or multirun, writes its models and reports to its own Hydra output
+folder. In a multirun each job logs a child run under the sweep's MLflow parent run
+(`src.tracking.sweep`); a failing job is recorded as FAILED and the sweep goes on. The job
+returns the final model's validation accuracy, which Hydra sweepers such as Optuna maximise.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src import errors
 from src.config.checks import validate
@@ -61,8 +64,16 @@ def _reusing(name: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConf
 
 def train(cfg: DictConfig) -> dict[str, dict]:
     """Validate `cfg`, run all stages in order (reusing matching prepared data and features),
-    return each stage's summary."""
+    return each stage's summary.
+
+    The raw data goes to `reuse.raw_dir(cfg)`, never to `paths.raw`; prepared data and features
+    are read from the cache only (`reuse.reuse_or_run`), which points `cfg.paths.prepared` and
+    `cfg.paths.features` there for the later stages. `paths.models` and `paths.reports` are
+    used as given (`main` points them at the Hydra output folder)."""
+    OmegaConf.resolve(cfg)  # the derived `inputs` (and the checks their resolver runs) once, now
     validate(cfg)
+    with open_dict(cfg):
+        cfg.paths.raw = str(reuse.raw_dir(cfg))
     results = {}
     # one job at a time fetches the source and finds or builds its prepared data
     with reuse.lock(resolve_path(cfg.paths.cache) / "download.lock"):
@@ -80,7 +91,8 @@ def validation_accuracy(results: dict[str, dict]) -> float:
 
 
 def _job_folders(cfg: DictConfig, output_dir: Path) -> None:
-    """A sweep job keeps its models and reports in its own Hydra job folder."""
+    """A job (single run or one of a multirun) keeps its models and reports in its own Hydra
+    output folder, never in `paths.models` / `paths.reports`, which `dvc repro` owns."""
     with open_dict(cfg):
         cfg.paths.models = str(output_dir / "models")
         cfg.paths.reports = str(output_dir / "reports")
@@ -89,6 +101,7 @@ def _job_folders(cfg: DictConfig, output_dir: Path) -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    _job_folders(cfg, Path(hydra_cfg.runtime.output_dir))
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
             results = train(cfg)
@@ -97,7 +110,6 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2 if isinstance(err, ConfigError) else 1)
         return validation_accuracy(results)
 
-    _job_folders(cfg, Path(hydra_cfg.runtime.output_dir))
     parent = sweep.parent_of(Path(hydra_cfg.sweep.dir))
     overrides = list(hydra_cfg.overrides.task)
     run_id = None

@@ -3,6 +3,7 @@ imports, directly or not (`src.codedeps`), so editing any code a stage runs reru
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -104,3 +105,72 @@ def test_each_plot_file_is_declared_once_and_timings_are_no_metric():
     metrics = set().union(*(_names(s.get("metrics", [])) for s in STAGES.values()))
     assert metrics == {"${paths.reports}/metrics.json"}
     assert "${paths.reports}/timings.json" in _names(STAGES["evaluate"]["outs"])
+
+
+# --- params: what each stage module reads is in its `params:` list ---------------------------
+
+# Keys a stage may read without listing them: `paths.*` name the deps and outs themselves (a
+# changed path changes the stage), and the training stages read `tracking.*` only to log their
+# epochs as they end, which changes no output.
+UNLISTED = {"paths"}
+LOGGING_ONLY = {"train_head": {"tracking"}, "finetune": {"tracking"}}
+
+
+def config_reads(source: str) -> set[str]:
+    """The dotted config keys a module reads from a variable named `cfg`: `cfg.a.b` chains, and
+    chains through local names bound to a part of it (`ds = cfg.dataset; ds.path`)."""
+    tree = ast.parse(source)
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            chain = _chain(node.value)
+            if chain and chain[0] == "cfg" and len(chain) > 1:
+                aliases[node.targets[0].id] = ".".join(chain[1:])
+    reads: set[str] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain = _chain(node)
+        if not chain or chain[-1] in ("get", "items", "keys", "values"):
+            continue
+        if chain[0] == "cfg" and len(chain) > 1:
+            reads.add(".".join(chain[1:]))
+        elif chain[0] in aliases and len(chain) > 1:
+            reads.add(".".join([aliases[chain[0]], *chain[1:]]))
+    return {r for r in reads if not any(o != r and o.startswith(f"{r}.") for o in reads)}
+
+
+def _chain(node: ast.AST) -> list[str] | None:
+    """`a.b.c` as ["a", "b", "c"], or None for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return [node.id, *reversed(parts)]
+
+
+def unlisted_reads(name: str, stage: dict) -> list[str]:
+    listed = [p for p in stage.get("params", []) if isinstance(p, str)]
+    module = REPO_ROOT / (stage_module(stage).replace(".", "/") + ".py")
+    skip = UNLISTED | LOGGING_ONLY.get(name, set())
+    return sorted(
+        key
+        for key in config_reads(module.read_text())
+        if key.split(".")[0] not in skip and not any(key == p or key.startswith(f"{p}.") for p in listed)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_key_a_stage_reads_is_in_its_params_list(name):
+    missing = unlisted_reads(name, STAGES[name])
+    assert not missing, f"dvc.yaml stage {name!r} reads {missing} but its params: list lacks them"
+
+
+def test_config_reads_follow_aliases_and_whole_sections():
+    source = "def run(cfg):\n    ds = cfg.dataset\n    x = ds.split.seed + cfg.train.batch_size\n"
+    source += "    f(cfg.model)\n"
+    assert config_reads(source) == {"dataset.split.seed", "train.batch_size", "model"}
+    stage = {"cmd": "python -m src.stages.train_head", "params": ["head", "train.precision"]}
+    assert "train.strategy" in unlisted_reads("train_head", stage)  # what dvc.yaml once missed

@@ -142,11 +142,11 @@ def test_src_train_runs_all_stages_from_conf(tmp_path):
         f"hydra.run.dir={tmp_path / 'hydra'}",
         *outputs,
     )
-    summary = json.loads((work / "reports" / "finetune.json").read_text())
+    reports = tmp_path / "hydra" / "reports"  # its own folder: never paths.reports, which dvc repro owns
+    summary = json.loads((reports / "finetune.json").read_text())
     assert summary["unfrozen"] == ["block5_conv3", "block5_pool"]
-    assert (work / "reports" / "metrics.json").is_file() and (
-        tmp_path / "hydra" / ".hydra" / "config.yaml"
-    ).is_file()
+    assert (reports / "metrics.json").is_file() and (tmp_path / "hydra" / ".hydra" / "config.yaml").is_file()
+    assert not (work / "reports").exists() and not (work / "models").exists()
 
 
 def test_queued_experiments_run_in_temp_copies_and_log_to_the_project_store(repo):
@@ -226,3 +226,52 @@ def test_content_changes_rerun_what_reads_them_and_outputs_over_data_are_refused
         assert (
             sorted(p.relative_to(tmp_path) for p in [*images.rglob("*"), *weights.parent.rglob("*")]) == owned
         )
+
+
+def _refused(repo: Path, *args: str) -> str:
+    """Run a command that must fail; its output."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0, f"{' '.join(args)} succeeded:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_bad_configs_stop_before_dvc_deletes_anything(tmp_path):
+    """An output over the dataset, over the MLflow store, or a misspelt key: refused by
+    `src.params`, by DVC's own Hydra composition (`dvc exp run -S`), and by `dvc repro` of a
+    hand-edited params.yaml, with every file in place afterwards."""
+    require_shared()
+    repo = copy_repo(tmp_path)
+    small = repo / "userdata" / "small"
+    for name in ("cats", "dogs"):
+        images = sorted((SHARED / "data" / "cats_vs_dogs" / "train" / name).iterdir())[:3]
+        (small / name).mkdir(parents=True)
+        for image in images:
+            shutil.copyfile(image, small / name / image.name)
+    before = sorted(p.relative_to(small) for p in small.rglob("*"))
+    out = _refused(
+        repo, "dvc", "exp", "run", "-S", "experiment=ci", "-S", "dataset.path=userdata/small",
+        "-S", "paths.prepared=userdata/small",
+    )  # fmt: skip
+    assert "paths.prepared" in out and "dataset.path" in out
+    assert sorted(p.relative_to(small) for p in small.rglob("*")) == before
+
+    (repo / "mlruns" / "store.txt").write_text("the user's runs\n")
+    params = (repo / "params.yaml").read_text()
+    out = _refused(repo, "python", "-m", "src.params", "experiment=ci", "paths.prepared=mlruns")
+    assert "paths.prepared" in out and "mlruns" in out and (repo / "params.yaml").read_text() == params
+    sh(repo, "python", "-m", "src.params", "experiment=ci")
+    edited = yaml.safe_load((repo / "params.yaml").read_text())
+    edited["paths"]["prepared"] = "mlruns"  # by hand, past every check of src.params
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    out = _refused(repo, "dvc", "repro", "prepare")
+    assert "paths.prepared" in out and (repo / "mlruns" / "store.txt").read_text() == "the user's runs\n"
+
+    sh(repo, "git", "checkout", "params.yaml")
+    for args in (
+        ("python", "-m", "src.params", "experiment=ci", "+head.dropuot=0.3"),
+        ("dvc", "exp", "run", "-S", "experiment=ci", "-S", "+head.dropuot=0.3"),
+    ):
+        out = _refused(repo, *args)
+        assert "head.dropuot is not a known key" in out
+    assert "dropuot" not in (repo / "params.yaml").read_text()

@@ -24,6 +24,7 @@ from src.config.compose import compose
 from src.config.paths import REPO_ROOT
 from src.data import decoding, memory
 from src.errors import StageError
+from src.outputs import folders
 from src.stages import prepare
 from tests import corpus
 from tests.conftest import path_overrides
@@ -45,7 +46,7 @@ def cfg_for(tmp_path: Path, root: Path, *overrides: str):
             ]
         )
     )
-    (work / "raw").mkdir(parents=True, exist_ok=True)
+    folders.claim(work / "raw")  # as the download stage makes it
     (work / "raw" / "source.json").write_text(
         json.dumps({"kind": "local", "root": str(root), "fingerprint": "test"})
     )

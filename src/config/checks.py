@@ -1,108 +1,52 @@
-"""One source of configuration: compose `conf/` with Hydra, load `params.yaml`, validate."""
+"""Cross-field checks of a configuration, run after the schema (`src.config.schema.typed`):
+layers against the backbone, input size against the model, a weights file against the model,
+and output folders the pipeline may own. `validate` runs both and is what every entry point
+calls: `src.params`, each stage, each `src.train` job, and DVC's own Hydra composition (through
+the `input_path` resolver of conf/config.yaml), so a bad value stops a run before DVC deletes
+anything."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.config.compose import register_resolvers
-from src.config.paths import CONF_DIR, REPO_ROOT, resolve_input, resolve_path
+from src.config.paths import REPO_ROOT, resolve_input, resolve_path
+from src.config.schema import BACKBONES, typed
 from src.errors import ConfigError
-
-DATASETS = ("cats_vs_dogs", "gtsrb", "flowers", "cifar10", "folder")
-
-
-# Pretrained conv bases: layers after the input (pooling included) and the smallest input side.
-BACKBONES = {"vgg16": {"layers": 18, "min_size": 32}, "resnet50": {"layers": 174, "min_size": 32}}
-
-
-SCRATCH_MODELS = ("small_cnn",)
-
-
-OPTIMIZERS = ("rmsprop", "adam", "sgd")
-
-
-SCHEDULES = ("constant", "cosine")
-
-
-POOLINGS = ("flatten", "avg")
-
-
-HEAD_ACTIVATIONS = ("relu", "gelu", "tanh", None)
-
-
-FLIPS = (None, "horizontal", "vertical", "horizontal_and_vertical")
-
-
-SPLIT_SOURCES = ("train", "val")
-
-
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # see src/precision.py
-
-
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")  # see src/distribute.py
-
-
-MAX_IMAGE_SIZE = 1024  # px per side: 1024² x 3 bytes is 3 MB per image before any model sees it
-
+from src.outputs.folders import made_here
 
 # The pipeline's output folders (`paths.*`); `downloads` keeps archives, never replaced wholesale.
 OUTPUT_KEYS = ("raw", "downloads", "prepared", "features", "models", "reports", "cache")
-
-
+# Folders of the repository the pipeline writes into freely: what is below them is its own.
+OUTPUT_ROOTS = ("data", "models", "reports")
+# Folders of the repository that are never an output nor hold one: code, configs, metadata, the
+# MLflow store, a virtualenv. (Hydra's run and sweep folders exist without the pipeline's marker:
+# an existing one is refused like any folder the pipeline did not make; a new subfolder is fine.)
+RESERVED = (
+    "src",
+    "conf",
+    "tests",
+    "benchmarks",
+    "docs",
+    "hydra_plugins",
+    ".git",
+    ".dvc",
+    ".ci",
+    "mlruns",
+    ".venv",
+)
 # A conv base's weight file, recognised by its convolution kernels: (how many, the first one's shape).
 WEIGHT_SIGNATURES = {"vgg16": (13, (3, 3, 3, 64)), "resnet50": (53, (7, 7, 3, 64))}
-
-
-register_resolvers()
 
 
 def _bad(key: str, value: object, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-def _check_choice(cfg: DictConfig, key: str, choices: Sequence[object]) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value not in choices:
-        shown = ", ".join("null" if c is None else str(c) for c in choices)
-        raise _bad(key, value, f"choose one of {shown}")
-
-
-def _check_fraction(cfg: DictConfig, key: str, upper_inclusive: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    ok = isinstance(value, (int, float)) and value >= 0 and (value <= 1 if upper_inclusive else value < 1)
-    if not ok:
-        raise _bad(
-            key, value, "must be a number in [0, 1]" if upper_inclusive else "must be a number in [0, 1)"
-        )
-
-
-def _check_positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise _bad(key, value, f"must be an integer >= {minimum}")
-
-
 def is_pretrained(cfg: DictConfig) -> bool:
     """Whether the model is a pretrained conv base (features extracted) or trained from scratch."""
     return cfg.model.name in BACKBONES
-
-
-def _check_int(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _bad(key, value, "must be an integer")
-
-
-def _check_units(cfg: DictConfig) -> None:
-    units = OmegaConf.select(cfg, "head.units")
-    ok = OmegaConf.is_list(units) and all(
-        isinstance(u, int) and not isinstance(u, bool) and u >= 1 for u in units
-    )
-    if not ok:
-        raise _bad("head.units", units, "must be a list of positive integers, e.g. [256] (or [] for none)")
 
 
 def check_weights_file(model: str, path: Path, key: str = "model.weights") -> None:
@@ -137,31 +81,47 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def check_output_paths(cfg: DictConfig) -> None:
-    """Refuse output folders that would replace or sit inside what the user owns: the dataset,
-    the weights' folder, `conf/`, `src/`, `.git/`; or that are (or hold) the repository root or
-    the home folder; or that overlap one another."""
+def _owned(folder: Path, root: Path) -> bool:
+    """Whether the pipeline may write `folder`: below one of its output roots in the repository,
+    not there yet, empty, or made by the pipeline (its marker file)."""
+    if any(folder.is_relative_to((root / name).resolve()) for name in OUTPUT_ROOTS):
+        return True
+    if not folder.exists():
+        return True
+    return folder.is_dir() and (not any(folder.iterdir()) or made_here(folder))
+
+
+def check_output_paths(cfg: DictConfig, root: Path = REPO_ROOT) -> None:
+    """Refuse output folders the pipeline does not own (see `_owned`), and any that would replace
+    or sit inside what the user owns: the dataset, the weights file, the repository's code,
+    configs, metadata, MLflow store, Hydra folders and virtualenv; that are (or hold) the
+    repository root or the home folder; or that overlap one another."""
+    root = root.resolve()
     outputs = {key: resolve_path(cfg.paths[key]).resolve() for key in OUTPUT_KEYS if key in cfg.paths}
-    protected: dict[str, Path] = {
-        "conf/": CONF_DIR.resolve(),
-        "src/": (REPO_ROOT / "src").resolve(),
-        ".git/": (REPO_ROOT / ".git").resolve(),
-    }
+    holders = {"the repository root": root, "the home folder": Path.home().resolve()}
+    inputs: dict[str, Path] = {}
     if cfg.dataset.path not in (None, "???"):
-        protected["dataset.path"] = resolve_input(cfg.dataset.path).resolve()
+        inputs["dataset.path"] = resolve_input(cfg.dataset.path).resolve()
     weights = cfg.model.get("weights")
     if weights not in (None, "imagenet"):
-        protected["the folder of model.weights"] = resolve_input(weights).resolve().parent
-    holders = {"the repository root": REPO_ROOT.resolve(), "the home folder": Path.home().resolve()}
+        inputs["model.weights"] = resolve_input(weights).resolve()
+    reserved = {f"{name}/ of the repository": (root / name).resolve() for name in RESERVED}
     for key, out in outputs.items():
+        shown = cfg.paths[key]
         for name, path in holders.items():
             if path.is_relative_to(out):
-                raise _bad(f"paths.{key}", cfg.paths[key], f"it is or holds {name} ({path}): use a subfolder")
-        for name, path in protected.items():
+                raise _bad(f"paths.{key}", shown, f"it is or holds {name} ({path}): use a subfolder")
+        for name, path in {**inputs, **reserved}.items():
             if _overlaps(out, path):
-                raise _bad(
-                    f"paths.{key}", cfg.paths[key], f"it overlaps {name} ({path}): choose another folder"
-                )
+                raise _bad(f"paths.{key}", shown, f"it overlaps {name} ({path}): choose another folder")
+        if not _owned(out, root):
+            raise _bad(
+                f"paths.{key}",
+                shown,
+                f"{out} exists and was not made by this pipeline (no marker file in it), and the "
+                "pipeline replaces what it writes: use a folder under data/, models/ or reports/, "
+                "a new folder, or one the pipeline made",
+            )
     keys = list(outputs)
     for i, key in enumerate(keys):
         for other in keys[i + 1 :]:
@@ -171,35 +131,12 @@ def check_output_paths(cfg: DictConfig) -> None:
                 )
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Refuse invalid values before any heavy work, naming the key, the value and what is allowed."""
-    _check_choice(cfg, "dataset.name", DATASETS)
-    _check_choice(cfg, "model.name", (*BACKBONES, *SCRATCH_MODELS))
-    _check_int(cfg, "seed")
-    if OmegaConf.is_missing(cfg.dataset, "path"):
-        raise ConfigError("dataset.path is required for dataset=folder: set dataset.path=/path/to/images")
-    path = cfg.dataset.path
-    if path is not None and not resolve_input(path).is_dir():
-        raise _bad(
-            "dataset.path",
-            path,
-            "must be an existing folder of class subfolders (relative paths start at the repository root)",
-        )
-    _check_positive_int(cfg, "dataset.image_size", 8)
-    if cfg.dataset.image_size > MAX_IMAGE_SIZE:
-        raise _bad("dataset.image_size", cfg.dataset.image_size, f"must be at most {MAX_IMAGE_SIZE} px")
-    _check_units(cfg)
-    for key in ("head.epochs", "finetune.epochs"):
-        _check_positive_int(cfg, key, 0)
+def _check_model(cfg: DictConfig) -> None:
+    size = cfg.dataset.image_size
     if is_pretrained(cfg):
         spec = BACKBONES[cfg.model.name]
-        if cfg.dataset.image_size < spec["min_size"]:
-            raise _bad(
-                "dataset.image_size",
-                cfg.dataset.image_size,
-                f"{cfg.model.name} needs at least {spec['min_size']} px",
-            )
-        _check_positive_int(cfg, "finetune.layers", 0)
+        if size < spec["min_size"]:
+            raise _bad("dataset.image_size", size, f"{cfg.model.name} needs at least {spec['min_size']} px")
         if cfg.finetune.layers > spec["layers"]:
             raise _bad(
                 "finetune.layers",
@@ -223,46 +160,37 @@ def validate(cfg: DictConfig) -> DictConfig:
                 "with no fine-tuning (finetune.epochs or finetune.layers 0) the model would stay untrained: "
                 "train the head (head.epochs >= 1) or fine-tune",
             )
-    else:
-        if cfg.model.weights is not None:
-            raise _bad(
-                "model.weights", cfg.model.weights, f"{cfg.model.name} is trained from scratch: use null"
-            )
-        if cfg.dataset.image_size < 2 ** len(cfg.model.filters):
-            raise _bad(
-                "dataset.image_size",
-                cfg.dataset.image_size,
-                f"{len(cfg.model.filters)} pooling blocks need at least {2 ** len(cfg.model.filters)} px",
-            )
-        _check_positive_int(cfg, "head.epochs", 1)  # train_head trains the whole network
-    _check_fraction(cfg, "head.dropout")
-    _check_choice(cfg, "head.pooling", POOLINGS)
-    _check_choice(cfg, "head.activation", HEAD_ACTIVATIONS)
-    _check_choice(cfg, "train.precision", PRECISIONS)
-    _check_choice(cfg, "train.jit_compile", ("auto", True, False))
-    _check_choice(cfg, "train.strategy", STRATEGIES)
-    _check_choice(cfg, "head.optimizer", OPTIMIZERS)
-    _check_choice(cfg, "finetune.optimizer", OPTIMIZERS)
-    _check_choice(cfg, "head.schedule", SCHEDULES)
-    _check_choice(cfg, "finetune.schedule", SCHEDULES)
-    _check_choice(cfg, "augment.flip", FLIPS)
-    _check_choice(cfg, "dataset.split.test_from", SPLIT_SOURCES)
-    _check_choice(cfg, "dataset.unknown_labels", ("error", "drop"))
-    _check_choice(cfg, "dataset.leakage", ("warn", "drop"))
-    _check_positive_int(cfg, "dataset.max_pixels", 1_000_000)
-    _check_int(cfg, "dataset.split.seed")
-    for key in ("dataset.split.val_fraction", "dataset.split.test_fraction"):
-        _check_fraction(cfg, key)
-    for key in ("augment.rotation", "augment.zoom", "augment.translate", "augment.shear"):
-        _check_fraction(cfg, key, upper_inclusive=True)
-    for key in ("head.batch_size", "finetune.batch_size", "train.batch_size"):
-        _check_positive_int(cfg, key)
-    for key in ("head.learning_rate", "finetune.learning_rate"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise _bad(key, value, "must be a positive number")
-    for split, limit in cfg.dataset.limit_per_class.items():
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise _bad(f"dataset.limit_per_class.{split}", limit, "must be null or an integer >= 1")
+        return
+    if cfg.model.weights is not None:
+        raise _bad("model.weights", cfg.model.weights, f"{cfg.model.name} is trained from scratch: use null")
+    if any(f < 1 for f in cfg.model.filters) or not cfg.model.filters:
+        raise _bad("model.filters", list(cfg.model.filters), "must be a non-empty list of positive integers")
+    if size < 2 ** len(cfg.model.filters):
+        blocks = len(cfg.model.filters)
+        raise _bad("dataset.image_size", size, f"{blocks} pooling blocks need at least {2**blocks} px")
+    if cfg.head.epochs < 1:  # train_head trains the whole network
+        raise _bad("head.epochs", cfg.head.epochs, f"{cfg.model.name} is trained by train_head: use >= 1")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """The typed config, or a ConfigError naming the key, the value and what is allowed; before
+    any heavy work."""
+    if OmegaConf.is_missing(cfg.dataset, "path") or (
+        cfg.dataset.name == "folder" and cfg.dataset.path is None
+    ):
+        raise ConfigError("dataset.path is required for dataset=folder: set dataset.path=/path/to/images")
+    cfg = typed(cfg)
+    path = cfg.dataset.path
+    if path is not None and not resolve_input(path).is_dir():
+        raise _bad(
+            "dataset.path",
+            path,
+            "must be an existing folder of class subfolders (relative paths start at the repository root)",
+        )
+    if any(u < 1 for u in cfg.head.units):
+        raise _bad(
+            "head.units", list(cfg.head.units), "must be a list of positive integers, e.g. [256] (or [])"
+        )
+    _check_model(cfg)
     check_output_paths(cfg)
     return cfg

@@ -7,25 +7,48 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.config.checks import validate
 from src.config.paths import CONF_DIR, PARAMS_FILE, resolve_input
+from src.config.schema import register as register_schema
 from src.errors import ConfigError
 from src.outputs.atomic import atomic_file
 
+_checking = False  # set while a resolver validates the config it is part of
 
-def input_path(value: object, stand_in: str) -> str:
+
+def _check_composition(root: DictConfig) -> None:
+    """Validate the config being resolved (all but the derived `inputs`, which are being
+    resolved). This is how DVC's own Hydra composition (`dvc exp run -S ...`) refuses a bad
+    value before it writes params.yaml or deletes any output."""
+    global _checking
+    if _checking:
+        return
+    _checking = True
+    try:
+        validate(OmegaConf.masked_copy(root, [key for key in root if key != "inputs"]))
+    finally:
+        _checking = False
+
+
+def input_path(value: object, stand_in: str, *, _root_: DictConfig) -> str:
     """The file or folder DVC should hash for a configured input (`dataset.path`,
     `model.weights`): the input itself, absolute, when it is a path; otherwise (`null`,
     `imagenet`: nothing on disk to hash, the code that fetches or initialises it decides)
-    `stand_in`, a source file the stage depends on anyway."""
+    `stand_in`, a source file the stage depends on anyway. The whole config is validated first."""
+    _check_composition(_root_)
     if value in (None, "imagenet", "???"):
         return stand_in
     return str(resolve_input(str(value)).resolve())
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers that `conf/` uses; also loaded by DVC's Hydra composition
-    (`hydra_plugins/`)."""
+    """The schema (Hydra's ConfigStore) and the OmegaConf resolvers that `conf/` uses; also
+    loaded by DVC's Hydra composition (`hydra_plugins/`)."""
+    register_schema()
     OmegaConf.register_new_resolver("input_path", input_path, replace=True)
+
+
+register_resolvers()
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -44,6 +67,21 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             raise ConfigError("dataset.path is required for dataset=folder: set dataset.path=/path/to/images")
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
+        cause: BaseException | None = err
+        while cause is not None:  # a check that failed while resolving: its own message
+            if isinstance(cause, ConfigError):
+                raise ConfigError(f"{cause} (overrides: {' '.join(overrides) or 'none'})") from None
+            if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+                key = str(cause.full_key).split("[")[0]
+                given = next(
+                    (o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), "?"
+                )
+                reason = str(cause).splitlines()[0]
+                raise ConfigError(
+                    f"{key}={given} is not allowed: {reason} (its type is in src/config/schema.py; "
+                    f"overrides: {' '.join(overrides) or 'none'})"
+                ) from None
+            cause = cause.__cause__ or cause.__context__
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         message = " ".join(lines).split(" Config search path:")[0] or type(err).__name__
         raise ConfigError(f"{message} (overrides: {' '.join(overrides) or 'none'})") from err

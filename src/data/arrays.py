@@ -1,5 +1,6 @@
-"""Reading what `prepare` and `extract` wrote: memory-mapped arrays, labels, class list,
-and `tf.data` pipelines over them that stream batches without loading a split into memory."""
+"""Read what `prepare` and `extract` wrote: the class list, each split's images or features and
+labels as memory-mapped arrays, and `tf.data` pipelines that stream their batches without
+loading a whole split into memory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Decode a split's images into a memory-mapped uint8 array, and compact it."""
+"""Decode a split's image files, several at a time, into one memory-mapped uint8 `.npy` array,
+noting per row the file's digest or why it could not be read; then rewrite the array with only
+the rows kept (`compact_rows`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from src.data.scan import Item
-from src.images.decode import _decode_file
+from src.images.decode import decode_file
 from src.outputs.atomic import atomic_file
 
 COMPACT_ROWS = 256
@@ -27,7 +29,7 @@ class Decoded:
         return np.array([d is not None for d in self.digests], dtype=bool)
 
 
-def _decode_split(items: list[Item], size: int, path: Path, max_pixels: int, workers: int) -> Decoded:
+def decode_split(items: list[Item], size: int, path: Path, max_pixels: int, workers: int) -> Decoded:
     """Decode every item into row i of the .npy array at `path`; failed rows stay zero."""
     images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(items), size, size, 3))
     digests: list[str | None] = [None] * len(items)
@@ -35,7 +37,7 @@ def _decode_split(items: list[Item], size: int, path: Path, max_pixels: int, wor
 
     def decode(i: int) -> None:
         try:
-            images[i], digests[i] = _decode_file(items[i][1], size, max_pixels)
+            images[i], digests[i] = decode_file(items[i][1], size, max_pixels)
         except Exception as err:  # any unreadable file is skipped and listed, never fatal
             reasons[i] = f"{type(err).__name__}: {err}"
 
@@ -45,7 +47,7 @@ def _decode_split(items: list[Item], size: int, path: Path, max_pixels: int, wor
     return Decoded(digests, reasons)
 
 
-def _compact(path: Path, keep: np.ndarray) -> None:
+def compact_rows(path: Path, keep: np.ndarray) -> None:
     """Rewrite the .npy array at `path` with only the rows where `keep` is set, a chunk at a time."""
     if keep.all():
         return

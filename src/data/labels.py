@@ -1,4 +1,6 @@
-"""The classes of a dataset, and val/test labels the training split lacks."""
+"""The classes of a dataset (those the training split has) and what to do with val/test images
+labelled with another class: stop with a description of where each such label comes from, or
+drop them and report it."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from src.data.report import _listed, _names
+from src.data.report import listed_lines, listed_names
 from src.data.scan import Item, Scan, shown_path
 from src.errors import StageError
 from src.images.decode import natural_key
@@ -67,7 +69,7 @@ def resolve_unknown_labels(scan: Scan, classes: list[str], root: Path, mode: str
     if mode != "drop":
         raise StageError(
             f"{len(unknown)} val/test image(s) have labels that the training split lacks "
-            f"(its classes: {_names(classes)}):\n{_listed(lines)}\n"
+            f"(its classes: {listed_names(classes)}):\n{listed_lines(lines)}\n"
             "fix the labels or folders, or set dataset.unknown_labels=drop to leave these images out "
             "(they are counted in report.json)"
         )
@@ -79,12 +81,12 @@ def resolve_unknown_labels(scan: Scan, classes: list[str], root: Path, mode: str
             if had and not scan.found[split]:
                 raise StageError(
                     f"all {had} {split} images have labels that the training split lacks "
-                    f"(its classes: {_names(classes)}):\n{_listed(lines)}"
+                    f"(its classes: {listed_names(classes)}):\n{listed_lines(lines)}"
                 )
     log.warning(
         "dropped %d val/test image(s) with labels the training split lacks "
         "(dataset.unknown_labels=drop):\n%s",
         len(unknown),
-        _listed(lines),
+        listed_lines(lines),
     )
     return unknown

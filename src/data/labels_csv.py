@@ -1,4 +1,6 @@
-"""Label CSVs of flat test folders: delimiter and columns found from the header."""
+"""Read the CSV labelling a flat test folder: the delimiter sniffed from the header, the path
+and label columns found by name, repeated rows reported and kept once, conflicting labels an
+error."""
 
 from __future__ import annotations
 
@@ -6,17 +8,13 @@ import csv
 import os
 from pathlib import Path
 
-from src.data.report import _listed
+from src.data.report import listed_lines
 from src.data.scan import Item, Scan
 from src.errors import StageError
 
-CSV_DELIMITERS = ",;\t|"
-
-
-PATH_COLUMNS = ("path", "filename", "file")
-
-
-LABEL_COLUMNS = ("label", "classid", "class")
+CSV_DELIMITERS = ",;\t|"  # those the header is sniffed for
+PATH_COLUMNS = ("path", "filename", "file")  # header names of the path column (else the first)
+LABEL_COLUMNS = ("label", "classid", "class")  # header names of the label column (else the second)
 
 
 def _delimiter(header: str) -> str:
@@ -27,7 +25,7 @@ def _delimiter(header: str) -> str:
         return ","
 
 
-def _read_labels_csv(csv_path: Path, bases: tuple[Path, ...], scan: Scan) -> list[Item]:
+def read_labels_csv(csv_path: Path, bases: tuple[Path, ...], scan: Scan) -> list[Item]:
     """(class, image path) pairs from a CSV whose columns include a path and a label, found by
     header name (path/filename/file, label/classid/class; else the first two), with `,` `;`
     tab or `|` between them. A path is taken relative to the first of `bases` where it exists.
@@ -73,7 +71,7 @@ def _read_labels_csv(csv_path: Path, bases: tuple[Path, ...], scan: Scan) -> lis
             pairs.append((label, image))
     if conflicts:
         raise StageError(
-            f"{csv_path} gives {len(conflicts)} image(s) two different labels:\n{_listed(conflicts)}\n"
+            f"{csv_path} gives {len(conflicts)} image(s) two different labels:\n{listed_lines(conflicts)}\n"
             "each image must be labelled once: fix the CSV"
         )
     return pairs

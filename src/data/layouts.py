@@ -1,4 +1,6 @@
-"""Find the images and labels of a source tree: class folders, split folders, GTSRB as published."""
+"""Find the images and labels of a source tree (`scan_source`): class folders at the root or
+under train/val/test folders (or their aliases), a flat test folder labelled by a CSV, and
+GTSRB's official `Final_Training`/`Final_Test` layout."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from src.data.labels_csv import _read_labels_csv
+from src.data.labels_csv import read_labels_csv
 from src.data.scan import SPLIT_ALIASES, Scan
 from src.errors import StageError
-from src.images.decode import _is_image, natural_key
+from src.images.decode import is_image, natural_key
 from src.images.files import list_folder, walk_files
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ def _listing(folder: Path, above: frozenset[str]) -> tuple[list[Path], list[Path
 
 def _images_below(folder: Path, above: frozenset[str]) -> list[Path]:
     """Image files in `folder` and its subfolders, symlinks followed, hidden names skipped."""
-    files = [p for p in walk_files(folder, above) if _is_image(p)]
+    files = [p for p in walk_files(folder, above) if is_image(p)]
     return sorted(files, key=lambda p: (natural_key(p.name), str(p)))
 
 
@@ -89,11 +91,11 @@ def _scan_gtsrb(root: Path, base: Path, labels_csv: str | None) -> Scan:
     above = frozenset(os.path.realpath(p) for p in (root, base, train_dir.parent))
     _scan_class_dirs("train", _listing(train_dir, above)[1], _inside(above, train_dir), scan, gtsrb_class)
     above = frozenset(os.path.realpath(p) for p in (root, base, test_dir.parent))
-    if test_dir.is_dir() and any(_is_image(p) for p in list_folder(test_dir, above)[0]):
+    if test_dir.is_dir() and any(is_image(p) for p in list_folder(test_dir, above)[0]):
         csv_path = _gtsrb_test_csv(root, base, test_dir, labels_csv)
         log.info("GTSRB layout under %s: test labels from %s", base, csv_path)
         scan.split_dirs["test"] = test_dir
-        pairs = _read_labels_csv(csv_path, (root, test_dir), scan)
+        pairs = read_labels_csv(csv_path, (root, test_dir), scan)
         scan.found["test"] = [(gtsrb_class(label), path) for label, path in pairs]
     return scan
 
@@ -115,8 +117,8 @@ def _scan_splits(
             _scan_class_dirs(split, class_dirs, _inside(above, folder), scan)
         elif split == "test" and labels_csv:
             csv_path = root / labels_csv
-            scan.found[split] = _read_labels_csv(csv_path, (root, csv_path.parent), scan)
-        elif any(_is_image(p) for p in files):
+            scan.found[split] = read_labels_csv(csv_path, (root, csv_path.parent), scan)
+        elif any(is_image(p) for p in files):
             raise StageError(
                 f"{folder} holds images but no class subfolders: "
                 "set dataset.test_labels_csv to a CSV (path,label) that labels them"

@@ -1,4 +1,5 @@
-"""Identical image files in two splits."""
+"""Find identical image files (by digest) across splits, the leakage `prepare` reports in
+leakage.csv and may drop, and count the copies within a split."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""How many images to decode at once, and whether the prepared arrays fit on disk."""
+"""Size `prepare`'s work to the machine: how many images to decode at once within the memory
+available (cgroup limit included), and whether the prepared arrays fit on the disk."""
 
 from __future__ import annotations
 

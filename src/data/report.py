@@ -1,4 +1,5 @@
-"""What `prepare` noticed, dropped or skipped, as logged lines and `report.json`."""
+"""What `prepare` noticed, dropped or skipped: the `Report` written to `report.json` and
+summarised in `info.json`, the warnings it logs, and the short listings its messages use."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from src.images.decode import ImageTooLarge
 log = logging.getLogger(__name__)
 
 
-def _listed(lines: list[str], limit: int = 10) -> str:
+def listed_lines(lines: list[str], limit: int = 10) -> str:
     """Indented lines, the first `limit` of them and a count of the rest."""
     shown = [f"  {line}" for line in lines[:limit]]
     if len(lines) > limit:
@@ -22,7 +23,8 @@ def _listed(lines: list[str], limit: int = 10) -> str:
     return "\n".join(shown)
 
 
-def _names(names: list[str], limit: int = 10) -> str:
+def listed_names(names: list[str], limit: int = 10) -> str:
+    """The first `limit` names, comma-separated, and how many there are in all when more."""
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -67,7 +69,7 @@ class Report:
         }
 
 
-def _report_scan(scan: Scan, root: Path, report: Report) -> None:
+def report_scan(scan: Scan, root: Path, report: Report) -> None:
     """Warn about empty class folders and repeated CSV rows."""
     for folder in scan.empty_folders:
         rel = shown_path(folder, root)
@@ -86,11 +88,12 @@ def _report_scan(scan: Scan, root: Path, report: Report) -> None:
             "%s repeats %d row(s), each kept once:\n%s",
             scan.csv_file,
             len(scan.csv_duplicates),
-            _listed(lines),
+            listed_lines(lines),
         )
 
 
-def _report_leakage(rows: list[dict], n_images: int, dropped: bool) -> None:
+def report_leakage(rows: list[dict], n_images: int, dropped: bool) -> None:
+    """Warn about val/test images whose bytes an earlier split holds (`rows`: leakage.csv)."""
     if not rows:
         return
     groups = len({row["hash"] for row in rows})
@@ -110,8 +113,9 @@ def _report_leakage(rows: list[dict], n_images: int, dropped: bool) -> None:
         )
 
 
-def _report_missing(counts: pd.DataFrame, report: Report) -> None:
+def report_missing(counts: pd.DataFrame, report: Report) -> None:
+    """Note and warn about the classes without images in a split (`counts`: class x split)."""
     report.classes_missing = {s: [str(c) for c in counts.index[counts[s] == 0]] for s in SPLITS}
     for split, missing in report.classes_missing.items():
         if missing:
-            log.warning("%d class(es) have no %s images: %s", len(missing), split, _names(missing))
+            log.warning("%d class(es) have no %s images: %s", len(missing), split, listed_names(missing))

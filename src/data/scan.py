@@ -1,4 +1,5 @@
-"""What scanning a source tree yields: (class, image path) items per split, and the split names."""
+"""What scanning a source tree yields (`Scan`: (class, image path) items per split, where each
+label came from, empty class folders), the split names and their aliases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Splits a source lacks, carved out per class with a fixed seed; per-class limits."""
+"""Stratified train/val/test splits: the splits a source lacks carved out per class with a fixed
+seed, and at most a given number of items per class (`limit_per_class`)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def assign_splits(found: dict, split_cfg: DictConfig) -> dict[str, list[Item]]:
     return splits
 
 
-def _limit(items: list, limit: int | None, rng: np.random.Generator) -> list:
+def limit_per_class(items: list, limit: int | None, rng: np.random.Generator) -> list:
     """At most `limit` items per class, drawn at random (all when `limit` is None)."""
     if limit is None:
         return items

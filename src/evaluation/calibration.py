@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+TEMPERATURE_FILE = "temperature.json"  # the fitted temperature, written beside final.keras by evaluate
 EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] before taking logs
 LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))  # the range searched for the temperature
 

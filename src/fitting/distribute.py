@@ -31,9 +31,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from src.config.checks import STRATEGIES
+from src.config.schema import STRATEGIES
 from src.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,12 +106,11 @@ def _create(name: str, logical_cpus: int):
     return tf.distribute.MirroredStrategy(devices)
 
 
-def strategy(train_cfg: DictConfig):
-    """The `tf.distribute.Strategy` for `train.strategy` (one per process)."""
-    name = train_cfg.get("strategy", "auto")
+def strategy(name: str, logical_cpus: int = 0):
+    """The `tf.distribute.Strategy` for `train.strategy` and `train.logical_cpus` (one per process)."""
     if name not in STRATEGIES:
         raise ConfigError(f"train.strategy={name!r}: choose one of {', '.join(STRATEGIES)}")
-    chosen = _create(name, int(train_cfg.get("logical_cpus") or 0))
+    chosen = _create(name, int(logical_cpus or 0))
     replicas, workers = chosen.num_replicas_in_sync, shard()[1]
     log.info("strategy %s: %d replica(s) on %d worker(s)", type(chosen).__name__, replicas, workers)
     return chosen

@@ -1,4 +1,5 @@
-"""Decode any image file to a fixed-size RGB uint8 array; natural sort order."""
+"""Decode any image file (or bytes) to a fixed-size RGB uint8 array under a pixel cap, with the
+digest of the file's bytes; which files are images; the natural sort order of names."""
 
 from __future__ import annotations
 
@@ -11,13 +12,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
 JPEG_FORMATS = ("JPEG", "MPO")  # decoded by libjpeg, which can scale down while decoding
-
-
-DEFAULT_MAX_PIXELS = 40_000_000
-
+DEFAULT_MAX_PIXELS = 40_000_000  # the cap on an image's decoded pixels unless dataset.max_pixels sets one
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -65,7 +61,7 @@ def load_rgb(path: Path | io.BytesIO, size: int, max_pixels: int = DEFAULT_MAX_P
         return np.asarray(im, dtype=np.uint8)
 
 
-def _decode_file(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, str]:
+def decode_file(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, str]:
     """The decoded image and the blake2b digest of the file's bytes, reading the file once."""
     data = path.read_bytes()
     try:
@@ -75,5 +71,6 @@ def _decode_file(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, st
     return array, hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _is_image(path: Path) -> bool:
+def is_image(path: Path) -> bool:
+    """A visible file with an image suffix."""
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")

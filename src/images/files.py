@@ -1,4 +1,5 @@
-"""Walk a folder of images: hidden entries skipped, symlinks followed, loops refused."""
+"""List and walk folders of files: names starting with `.` skipped, symlinks followed, symlink
+loops and broken links reported and left out, unreadable folders reported as empty."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
-from src.config.checks import BACKBONES
 from src.config.paths import resolve_input
+from src.config.schema import BACKBONES
 from src.data import arrays
 
 # Channel means that VGG16 and ResNet50 (Keras' "caffe" preprocessing) subtract, in BGR order.

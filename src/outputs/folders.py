@@ -96,7 +96,7 @@ def clean_stale(parent: Path) -> list[Path]:
     return removed
 
 
-def _built_here(folder: Path) -> bool:
+def made_here(folder: Path) -> bool:
     """Whether the pipeline built `folder`: its marker, or (folders from before the marker)
     the `info.json` with a `cache_key` that prepare and extract write."""
     if (folder / MARKER).is_file():
@@ -113,7 +113,7 @@ def replace_dir(built: Path, final: Path) -> Path:
     import shutil
 
     if final.exists():
-        if not final.is_dir() or (any(final.iterdir()) and not _built_here(final)):
+        if not final.is_dir() or (any(final.iterdir()) and not made_here(final)):
             shutil.rmtree(built, ignore_errors=True)
             raise StageError(
                 f"{final} exists and was not made by this pipeline (no {MARKER} file in it): "
@@ -126,3 +126,12 @@ def replace_dir(built: Path, final: Path) -> Path:
     else:
         os.replace(built, final)
     return final
+
+
+def claim(folder: Path) -> Path:
+    """Make `folder` with the pipeline's marker when it does not exist yet, so that later checks
+    (`src.config.checks`) know the pipeline owns it; an existing folder is left as it is."""
+    if not folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).write_text("made by the transfer-learning pipeline for its outputs\n")
+    return folder

@@ -16,13 +16,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from src.config.paths import resolve_path
+from src.outputs.folders import claim
 
 CHUNK = 1 << 20
 
 
 def store(cfg: DictConfig) -> Path:
     """Where the digests are remembered: beside the pipeline's cache of prepared data."""
-    return resolve_path(cfg.paths.cache) / "file_hashes.sqlite"
+    return claim(resolve_path(cfg.paths.cache)) / "file_hashes.sqlite"
 
 
 def _sha256(path: Path) -> str:

@@ -12,11 +12,9 @@ import numpy as np
 
 from src.config.compose import load_params
 from src.config.paths import resolve_path
+from src.evaluation.calibration import TEMPERATURE_FILE, apply_temperature, as_matrix
 from src.images.decode import IMAGE_SUFFIXES, load_rgb, natural_key
 from src.images.files import walk_files
-
-TEMPERATURE_FILE = "temperature.json"  # written beside final.keras by the evaluate stage
-
 
 USAGE_HINT = "pass --model a .keras file saved by the pipeline (models/final.keras) or an MLflow model URI"
 
@@ -173,10 +171,7 @@ def read_images(files: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
 def class_probabilities(model, images: np.ndarray, temperature: float | None = None) -> np.ndarray:
     """The (N, n_classes) probabilities `model` gives uint8 `images` (N, size, size, 3),
     calibrated with `temperature` when one is given."""
-    from src.evaluation.calibration import apply_temperature
-    from src.models.networks import probabilities
-
-    probs = probabilities(model.predict(images.astype(np.float32), verbose=0))
+    probs = as_matrix(model.predict(images.astype(np.float32), verbose=0))  # a sigmoid output: 2 columns
     return probs if temperature is None else apply_temperature(probs, temperature)
 
 

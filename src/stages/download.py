@@ -53,7 +53,7 @@ def fingerprint(root: Path, db: Path) -> tuple[int, str]:
 def run(cfg: DictConfig) -> dict:
     """Make the raw dataset available under `<paths.raw>` and describe it in `source.json`."""
     ds = cfg.dataset
-    raw = resolve_path(cfg.paths.raw)
+    raw = folders.claim(resolve_path(cfg.paths.raw))
     if ds.path is not None:
         root = resolve_input(ds.path).resolve()
         if not root.is_dir():
@@ -64,7 +64,7 @@ def run(cfg: DictConfig) -> dict:
             raise DownloadError(
                 f"dataset.name={ds.name!r} has no download source; set dataset.path to a local copy"
             )
-        downloads = resolve_path(cfg.paths.downloads)
+        downloads = folders.claim(resolve_path(cfg.paths.downloads))
         archives = [fetch(archive, downloads) for archive in ARCHIVES[ds.name]]
         root = raw / ds.name
         built = folders.staging_dir(root)

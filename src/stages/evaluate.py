@@ -30,6 +30,7 @@ from src.config.checks import is_pretrained
 from src.config.paths import resolve_path
 from src.data import arrays
 from src.evaluation import calibration
+from src.evaluation.calibration import TEMPERATURE_FILE
 from src.models import networks
 from src.outputs import atomic
 from src.stages import stage
@@ -37,7 +38,6 @@ from src.tracking import pipeline_run
 
 log = logging.getLogger(__name__)
 TIMED_STAGES = ("download", "prepare", "extract", "train_head", "finetune")
-TEMPERATURE_FILE = "temperature.json"  # beside final.keras and classes.json
 
 
 def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) -> tuple[dict, np.ndarray]:

@@ -33,7 +33,8 @@ def run(cfg: DictConfig) -> dict:
     """Fine-tune the top `finetune.layers` layers and save the final model."""
     import keras
 
-    chosen = distribute.strategy(cfg.train)  # before anything starts TensorFlow (multi-worker)
+    # before anything starts TensorFlow (multi-worker)
+    chosen = distribute.strategy(cfg.train.strategy, cfg.train.logical_cpus)
     keras.utils.set_random_seed(cfg.seed)
     model_dir = resolve_path(cfg.paths.models)
     history_path = resolve_path(cfg.paths.reports) / "finetune" / "history.csv"

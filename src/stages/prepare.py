@@ -28,14 +28,14 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from src.config.paths import resolve_input, resolve_path
-from src.data.decoding import _compact, _decode_split
+from src.data.decoding import compact_rows, decode_split
 from src.data.labels import resolve_unknown_labels, training_classes
 from src.data.layouts import scan_source
 from src.data.leakage import find_leakage
 from src.data.memory import check_disk, decode_workers
-from src.data.report import Report, _report_leakage, _report_missing, _report_scan
+from src.data.report import Report, report_leakage, report_missing, report_scan
 from src.data.scan import SPLITS, Item, shown_path
-from src.data.splits import _limit, assign_splits
+from src.data.splits import assign_splits, limit_per_class
 from src.errors import StageError
 from src.images.decode import DEFAULT_MAX_PIXELS
 from src.outputs import folders, reuse
@@ -53,7 +53,7 @@ def select(cfg: DictConfig, root: Path, report: Report) -> tuple[dict[str, list[
     """The items of each split and the classes, before any image is decoded."""
     ds = cfg.dataset
     scan = scan_source(root, ds.test_labels_csv)
-    _report_scan(scan, root, report)
+    report_scan(scan, root, report)
     classes = training_classes(scan.found)
     if len(classes) < 2:
         raise StageError(
@@ -65,7 +65,7 @@ def select(cfg: DictConfig, root: Path, report: Report) -> tuple[dict[str, list[
     )
     splits = assign_splits(scan.found, ds.split)
     rng = np.random.default_rng(ds.split.seed)
-    splits = {s: _limit(items, ds.limit_per_class[s], rng) for s, items in splits.items()}
+    splits = {s: limit_per_class(items, ds.limit_per_class[s], rng) for s, items in splits.items()}
     for split in SPLITS:
         if not splits[split]:
             raise StageError(
@@ -80,7 +80,7 @@ def _decode_all(splits: dict[str, list[Item]], ds: DictConfig, out_dir: Path, re
     workers = decode_workers(max_pixels)
     log.info("decoding %d images with %d thread(s)", sum(len(v) for v in splits.values()), workers)
     decoded = {
-        s: _decode_split(splits[s], ds.image_size, out_dir / f"images_{s}.npy", max_pixels, workers)
+        s: decode_split(splits[s], ds.image_size, out_dir / f"images_{s}.npy", max_pixels, workers)
         for s in SPLITS
     }
     for s in SPLITS:
@@ -105,7 +105,7 @@ def _keep(
     pd.DataFrame(report.leakage, columns=["hash", "split", "path"]).to_csv(
         out_dir / "leakage.csv", index=False
     )
-    _report_leakage(report.leakage, report.leakage_images, drop)
+    report_leakage(report.leakage, report.leakage_images, drop)
     if report.duplicates_within_split:
         log.warning(
             "%d image(s) are exact copies of another in the same split", report.duplicates_within_split
@@ -148,7 +148,7 @@ def build(cfg: DictConfig, root: Path, out_dir: Path, report: Report) -> tuple[p
     _refuse_empty_split(cfg, splits, decoded, keep, out_dir)
     rows = []
     for s in SPLITS:
-        _compact(out_dir / f"images_{s}.npy", keep[s])
+        compact_rows(out_dir / f"images_{s}.npy", keep[s])
         kept = [item for item, good in zip(splits[s], keep[s]) if good]
         np.save(out_dir / f"labels_{s}.npy", np.array([class_index[n] for n, _ in kept], dtype=np.int32))
         rows += [
@@ -176,7 +176,7 @@ def _write_outputs(
     )
     counts = counts.reindex(index=classes, columns=list(SPLITS), fill_value=0)
     counts.to_csv(out_dir / "counts.csv")
-    _report_missing(counts, report)
+    report_missing(counts, report)
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     (out_dir / "report.json").write_text(json.dumps(report.details(), indent=2) + "\n")
     digest = hashlib.sha256()

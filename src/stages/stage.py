@@ -16,6 +16,7 @@ from src.config.checks import validate
 from src.config.compose import load_params
 from src.config.paths import resolve_path
 from src.errors import ConfigError, StageError
+from src.outputs import folders
 from src.outputs.atomic import write_json
 from src.outputs.folders import clean_stale
 
@@ -42,6 +43,8 @@ def timed_run(name: str, run: Callable[[DictConfig], dict], cfg: DictConfig) -> 
     """Run a stage, add its wall time, write its summary JSON and return it. Temp folders left
     by killed runs are removed first."""
     clean_outputs(cfg)
+    for key in ("models", "reports", "cache"):  # marked as the pipeline's when it makes them
+        folders.claim(resolve_path(cfg.paths[key]))
     start = time.perf_counter()
     result = run(cfg)
     result["seconds"] = round(time.perf_counter() - start, 2)

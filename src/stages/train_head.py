@@ -28,7 +28,8 @@ def run(cfg: DictConfig) -> dict:
     """Train the head (or the from-scratch CNN) and save the best model and its history."""
     import keras
 
-    chosen = distribute.strategy(cfg.train)  # before anything starts TensorFlow (multi-worker)
+    # before anything starts TensorFlow (multi-worker)
+    chosen = distribute.strategy(cfg.train.strategy, cfg.train.logical_cpus)
     keras.utils.set_random_seed(cfg.seed)
     classes = arrays.load_classes(cfg)
     h = cfg.head

@@ -1,0 +1,288 @@
+"""The pipeline's configuration schema: every key, its type, its default and its allowed values.
+
+One dataclass per config group, registered in Hydra's ConfigStore as `base_<group>`; each
+option file in `conf/<group>/` starts from it (`defaults: [base_<group>, _self_]`) and states
+only what differs. `typed(cfg)` checks a composed or loaded config against the schema: an
+unknown key (also one added with `+key=value`), a value of the wrong type, or one outside its
+allowed values is a ConfigError naming the key. Cross-field checks live in `src.config.checks`.
+
+Allowed values ride on each field's metadata: `choices`, `min`, `max`, `below` (exclusive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional  # noqa: UP035 - OmegaConf reads Optional[...] annotations
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from src.errors import ConfigError
+
+DATASETS = ("cats_vs_dogs", "gtsrb", "flowers", "cifar10", "folder")
+# Pretrained conv bases: layers after the input (pooling included) and the smallest input side.
+BACKBONES = {"vgg16": {"layers": 18, "min_size": 32}, "resnet50": {"layers": 174, "min_size": 32}}
+SCRATCH_MODELS = ("small_cnn",)
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # see src/fitting/precision.py
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")  # see src/fitting/distribute.py
+MAX_IMAGE_SIZE = 1024  # px per side: 1024² x 3 bytes is 3 MB per image before any model sees it
+# Keys a job may carry beyond the schema: set by a Hydra sweeper, not by users.
+RUNTIME_KEYS = ("optuna_trial_id",)
+
+
+def _allowed(**rules: Any) -> dict[str, Any]:
+    return {"allowed": rules}
+
+
+@dataclass
+class PathsConfig:
+    raw: str = "data/raw"  # download: the raw images (or a pointer to a local copy)
+    downloads: str = "data/downloads"  # cache of downloaded archives (not a pipeline output)
+    prepared: str = "data/prepared"  # prepare: resized uint8 arrays, labels, class list, manifest
+    features: str = "data/features"  # extract: conv-base features per split
+    models: str = "models"  # train_head / finetune: Keras models
+    reports: str = "reports"  # stage summaries, metrics, plots
+    cache: str = "data/cache"  # prepared data and features reused across runs, by content key
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = field(default=0.2, metadata=_allowed(min=0, below=1))
+    test_fraction: float = field(default=0.2, metadata=_allowed(min=0, below=1))
+    test_from: str = field(default="train", metadata=_allowed(choices=("train", "val")))
+    seed: int = 42
+
+
+@dataclass
+class LimitConfig:
+    train: Optional[int] = field(default=None, metadata=_allowed(min=1))  # noqa: UP045
+    val: Optional[int] = field(default=None, metadata=_allowed(min=1))  # noqa: UP045
+    test: Optional[int] = field(default=None, metadata=_allowed(min=1))  # noqa: UP045
+
+
+@dataclass
+class DatasetConfig:
+    name: str = field(default=MISSING, metadata=_allowed(choices=DATASETS))
+    path: Optional[str] = None  # noqa: UP045
+    image_size: int = field(default=224, metadata=_allowed(min=8, max=MAX_IMAGE_SIZE))
+    test_labels_csv: Optional[str] = None  # noqa: UP045
+    unknown_labels: str = field(default="error", metadata=_allowed(choices=("error", "drop")))
+    leakage: str = field(default="warn", metadata=_allowed(choices=("warn", "drop")))
+    max_pixels: int = field(default=40_000_000, metadata=_allowed(min=1_000_000))
+    split: SplitConfig = field(default_factory=SplitConfig)
+    limit_per_class: LimitConfig = field(default_factory=LimitConfig)
+
+
+@dataclass
+class BackboneConfig:
+    """A pretrained conv base from `keras.applications`."""
+
+    name: str = field(default=MISSING, metadata=_allowed(choices=tuple(BACKBONES)))
+    weights: Optional[str] = "imagenet"  # noqa: UP045 - imagenet | null | a .weights.h5 path
+
+
+@dataclass
+class ScratchCNNConfig:
+    """A small CNN trained from scratch (no features extracted)."""
+
+    name: str = field(default=MISSING, metadata=_allowed(choices=SCRATCH_MODELS))
+    weights: Optional[str] = None  # noqa: UP045
+    filters: list[int] = field(default_factory=lambda: [32, 64, 128])
+    convs_per_block: int = field(default=2, metadata=_allowed(min=1))
+    batchnorm: bool = True
+
+
+@dataclass
+class HeadConfig:
+    pooling: str = field(default="avg", metadata=_allowed(choices=("flatten", "avg")))
+    activation: Optional[str] = field(  # noqa: UP045
+        default="relu", metadata=_allowed(choices=("relu", "gelu", "tanh", None))
+    )
+    units: list[int] = field(default_factory=lambda: [256])
+    dropout: float = field(default=0.5, metadata=_allowed(min=0, below=1))
+    batchnorm: bool = False
+    optimizer: str = field(default="adam", metadata=_allowed(choices=OPTIMIZERS))
+    learning_rate: float = field(default=1e-3, metadata=_allowed(above=0))
+    schedule: str = field(default="constant", metadata=_allowed(choices=SCHEDULES))
+    epochs: int = field(default=30, metadata=_allowed(min=0))
+    batch_size: int = field(default=32, metadata=_allowed(min=1))
+
+
+@dataclass
+class FinetuneConfig:
+    layers: int = field(default=4, metadata=_allowed(min=0))
+    optimizer: str = field(default="rmsprop", metadata=_allowed(choices=OPTIMIZERS))
+    learning_rate: float = field(default=1e-5, metadata=_allowed(above=0))
+    schedule: str = field(default="constant", metadata=_allowed(choices=SCHEDULES))
+    epochs: int = field(default=10, metadata=_allowed(min=0))
+    batch_size: int = field(default=32, metadata=_allowed(min=1))
+    cached_activations: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    flip: Optional[str] = field(  # noqa: UP045
+        default="horizontal",
+        metadata=_allowed(choices=(None, "horizontal", "vertical", "horizontal_and_vertical")),
+    )
+    rotation: float = field(default=0.1, metadata=_allowed(min=0, max=1))
+    zoom: float = field(default=0.2, metadata=_allowed(min=0, max=1))
+    translate: float = field(default=0.0, metadata=_allowed(min=0, max=1))
+    shear: float = field(default=0.0, metadata=_allowed(min=0, max=1))
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(default=32, metadata=_allowed(min=1))
+    jit_compile: Any = field(default="auto", metadata=_allowed(choices=("auto", True, False)))
+    precision: str = field(default="auto", metadata=_allowed(choices=PRECISIONS))
+    strategy: str = field(default="auto", metadata=_allowed(choices=STRATEGIES))
+    logical_cpus: int = field(default=0, metadata=_allowed(min=0))
+
+
+@dataclass
+class EvaluateConfig:
+    bins: int = field(default=15, metadata=_allowed(min=1, max=1000))
+    temperature_scaling: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # noqa: UP045
+    experiment: str = "transfer-learning"
+    registered_model: Optional[str] = "image-classifier"  # noqa: UP045
+    run_id: Optional[str] = None  # noqa: UP045
+
+
+@dataclass
+class InputsConfig:
+    """Derived in conf/config.yaml (do not set): what DVC hashes for the inputs outside the pipeline."""
+
+    images: str = MISSING
+    weights: str = MISSING
+
+
+@dataclass
+class PipelineConfig:
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    preset: str = "default"
+    seed: int = 42
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dataset: DatasetConfig = MISSING
+    model: Any = MISSING  # BackboneConfig or ScratchCNNConfig, chosen by model.name
+    head: HeadConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    augment: AugmentConfig = MISSING
+    train: TrainConfig = MISSING
+    evaluate: EvaluateConfig = MISSING
+    tracking: TrackingConfig = MISSING
+
+
+GROUPS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "head": HeadConfig,
+    "finetune": FinetuneConfig,
+    "augment": AugmentConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "tracking": TrackingConfig,
+    "paths": PathsConfig,
+    "backbone": BackboneConfig,
+    "scratch_cnn": ScratchCNNConfig,
+}
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore: `base_config`, and `base_<group>` in each group's
+    folder (`model/base_backbone`, `model/base_scratch_cnn`)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=PipelineConfig)
+    for group, node in GROUPS.items():
+        folder = "model" if group in ("backbone", "scratch_cnn") else group
+        store.store(group=folder, name=f"base_{group}", node=node)
+
+
+def model_schema(name: object) -> type:
+    return ScratchCNNConfig if name in SCRATCH_MODELS else BackboneConfig
+
+
+def _check_value(key: str, value: object, rules: dict[str, Any]) -> None:
+    def bad(allowed: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+    if "choices" in rules:
+        choices = rules["choices"]
+        if not any(value is c or (value == c and type(value) is type(c)) for c in choices):
+            raise bad("choose one of " + ", ".join("null" if c is None else str(c) for c in choices))
+        return
+    if value is None:
+        return
+    low, high = rules.get("min"), rules.get("max", rules.get("below"))
+    if rules.get("above") == 0:
+        allowed = "must be a positive number"
+    elif low is not None and high is not None:
+        allowed = f"must be in [{low}, {high}{']' if 'max' in rules else ')'}"
+    elif low is not None:
+        allowed = f"must be >= {low}"
+    else:
+        allowed = f"must be <= {high}"
+    too_low = ("min" in rules and value < rules["min"]) or ("above" in rules and value <= rules["above"])
+    too_high = ("max" in rules and value > rules["max"]) or ("below" in rules and value >= rules["below"])
+    if too_low or too_high:
+        raise bad(allowed)
+
+
+def _check_fields(node: DictConfig, schema: type, prefix: str) -> None:
+    for spec in dataclasses.fields(schema):
+        key = f"{prefix}{spec.name}"
+        value = node[spec.name]
+        if dataclasses.is_dataclass(
+            spec.default_factory if spec.default_factory is not dataclasses.MISSING else None
+        ):
+            _check_fields(value, spec.default_factory, f"{key}.")  # type: ignore[arg-type]
+            continue
+        if "allowed" in spec.metadata:
+            _check_value(key, value, spec.metadata["allowed"])
+
+
+def typed(cfg: DictConfig) -> DictConfig:
+    """`cfg` (resolved) merged into the schema: a typed config, or a ConfigError naming the
+    first unknown key, wrongly typed value or value outside what its field allows."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    runtime = {key: data.pop(key) for key in RUNTIME_KEYS if key in data}
+    model = data.get("model") or {}
+    schema = OmegaConf.structured(PipelineConfig)
+    try:
+        merged = OmegaConf.merge(schema, {k: v for k, v in data.items() if k != "model"})
+        with_model = OmegaConf.merge(OmegaConf.structured(model_schema(model.get("name"))), model)
+        merged.model = with_model
+    except OmegaConfBaseException as err:
+        raise ConfigError(_schema_message(err)) from None
+    for group, schema_type in GROUPS.items():
+        if group in merged and group not in ("backbone", "scratch_cnn"):
+            _check_fields(merged[group], schema_type, f"{group}.")
+    _check_fields(merged.model, model_schema(merged.model.name), "model.")
+    if runtime:
+        OmegaConf.set_struct(merged, False)
+        merged.merge_with(runtime)
+        OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _schema_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    first = str(err).splitlines()[0]
+    if "not in" in first or "Key '" in first and "not" in first:
+        parent = key.rsplit(".", 1)[0] if "." in key else "the config"
+        return (
+            f"{key} is not a known key ({first}): check its spelling; the keys of {parent} are "
+            "listed in src/config/schema.py and conf/"
+        )
+    return f"{key}: {first} (see src/config/schema.py for its type)"
