@@ -96,3 +96,42 @@ def test_params_cli_refuses_bad_value_and_leaves_params_yaml_alone():
     assert proc.returncode == 2
     assert "finetune.layers=40" in proc.stderr and "0..18" in proc.stderr
     assert PARAMS_FILE.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+head.dropuot=0.3", "head.dropuot is not a known key"),
+        ("+newkey=1", "newkey is not a known key"),
+        ("head.pooling=max", "head.pooling='max' is not allowed: choose one of flatten, avg"),
+        ("head.dropout=1.5", "head.dropout=1.5 is not allowed: must be in [0, 1)"),
+        ("paths.prepared=mlruns", "paths.prepared='mlruns' is not allowed"),
+    ],
+)
+def test_the_schema_refuses_unknown_keys_and_values_while_composing(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose(["experiment=ci", override])
+    assert str(err.value).startswith(message.split(" is not")[0]) and message in str(err.value)
+
+
+def test_a_loaded_params_yaml_is_checked_against_the_schema_too(tmp_path):
+    text = PARAMS_FILE.read_text().replace("  dropout: 0.5\n", "  dropout: 0.5\n  dropuot: 0.3\n")
+    assert "dropuot" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="head.dropuot is not a known key"):
+        validate(load_params(tmp_path / "params.yaml"))
+
+
+def test_an_output_folder_the_pipeline_made_or_a_new_one_is_accepted(tmp_path):
+    from src.outputs import folders
+
+    made = folders.claim(tmp_path / "made")
+    (made / "x.json").write_text("{}")
+    validate(compose(["experiment=ci", f"paths.reports={made}", f"paths.models={tmp_path / 'new'}"]))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"paths.reports=.*not made by this pipeline"):
+        compose(["experiment=ci", f"paths.reports={notes}"])
+    beside_weights = Path(compose(["experiment=ci"]).model.weights).parent / "not-there-yet"
+    validate(compose(["experiment=ci", f"paths.features={beside_weights}"]))  # a new folder is fine

@@ -4,6 +4,7 @@ imports, directly or not (`src.codedeps`), so editing any code a stage runs reru
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -27,12 +28,16 @@ def drift(name: str, stage: dict) -> str | None:
     """What is wrong with the `src/` deps of stage `name`, or None when they are exact."""
     listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("src/")}
     wanted = set(code_deps(stage_module(stage)))
+    return difference(f"dvc.yaml stage {name!r}:", listed, wanted, f"`python -m src.outputs.codedeps {name}`")
+
+
+def difference(what: str, listed: set[str], wanted: set[str], source: str) -> str | None:
+    """None when `listed` is `wanted`, else what is missing and extra, and where to look."""
     if listed == wanted:
         return None
     return (
-        f"dvc.yaml stage {name!r}: missing {sorted(wanted - listed) or 'nothing'}, "
-        f"extra {sorted(listed - wanted) or 'nothing'} "
-        f"(`python -m src.outputs.codedeps {name}` lists what it imports)"
+        f"{what} missing {sorted(wanted - listed) or 'nothing'}, "
+        f"extra {sorted(listed - wanted) or 'nothing'} ({source} lists what is wanted)"
     )
 
 
@@ -107,13 +112,38 @@ def test_each_plot_file_is_declared_once_and_timings_are_no_metric():
     assert "${paths.reports}/timings.json" in _names(STAGES["evaluate"]["outs"])
 
 
-# --- params: what each stage module reads is in its `params:` list ---------------------------
+# --- params: what each stage reads is in its `params:` list --------------------------------
 
-# Keys a stage may read without listing them: `paths.*` name the deps and outs themselves (a
-# changed path changes the stage), and the training stages read `tracking.*` only to log their
-# epochs as they end, which changes no output.
-UNLISTED = {"paths"}
-LOGGING_ONLY = {"train_head": {"tracking"}, "finetune": {"tracking"}}
+# `paths.*` keys name the deps and outs themselves (a changed path changes the stage), so a
+# stage's params list may leave them out; every other key a stage reads must be listed.
+
+
+def declared(name: str) -> tuple[set[str], set[str]]:
+    """(keys the stage's `run` reads, keys it reads only to log) from its `@stage.reads`."""
+    module = importlib.import_module(stage_module(STAGES[name]))
+    return set(module.run.reads), set(module.run.logged)
+
+
+def params_drift(name: str, stage: dict) -> str | None:
+    listed = {p for p in stage.get("params", []) if isinstance(p, str) and not p.startswith("paths")}
+    reads, logged = declared(name)
+    wanted = {k for k in reads - logged if not k.startswith("paths.")}
+    return difference(f"dvc.yaml stage {name!r} params:", listed, wanted, "its @stage.reads")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_params_lists_are_exactly_what_each_stage_reads(name):
+    problem = params_drift(name, STAGES[name])
+    assert problem is None, problem
+
+
+def test_a_key_read_but_not_listed_is_reported():
+    stage = {
+        **STAGES["train_head"],
+        "params": [p for p in STAGES["train_head"]["params"] if p != "train.strategy"],
+    }
+    problem = params_drift("train_head", stage)
+    assert problem is not None and "missing ['train.strategy']" in problem
 
 
 def config_reads(source: str) -> set[str]:
@@ -151,26 +181,34 @@ def _chain(node: ast.AST) -> list[str] | None:
     return [node.id, *reversed(parts)]
 
 
-def unlisted_reads(name: str, stage: dict) -> list[str]:
-    listed = [p for p in stage.get("params", []) if isinstance(p, str)]
-    module = REPO_ROOT / (stage_module(stage).replace(".", "/") + ".py")
-    skip = UNLISTED | LOGGING_ONLY.get(name, set())
-    return sorted(
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_each_stage_module_reads_only_what_it_declares(name):
+    """Static cross-check of the declaration (the view enforces it when the stage runs)."""
+    reads, _ = declared(name)
+    module = REPO_ROOT / (stage_module(STAGES[name]).replace(".", "/") + ".py")
+    undeclared = sorted(
         key
         for key in config_reads(module.read_text())
-        if key.split(".")[0] not in skip and not any(key == p or key.startswith(f"{p}.") for p in listed)
+        if not any(key == r or key.startswith(f"{r}.") for r in reads)
     )
-
-
-@pytest.mark.parametrize("name", sorted(STAGES))
-def test_every_key_a_stage_reads_is_in_its_params_list(name):
-    missing = unlisted_reads(name, STAGES[name])
-    assert not missing, f"dvc.yaml stage {name!r} reads {missing} but its params: list lacks them"
+    assert not undeclared, f"{name} reads {undeclared} without declaring them in @stage.reads"
 
 
 def test_config_reads_follow_aliases_and_whole_sections():
     source = "def run(cfg):\n    ds = cfg.dataset\n    x = ds.split.seed + cfg.train.batch_size\n"
     source += "    f(cfg.model)\n"
     assert config_reads(source) == {"dataset.split.seed", "train.batch_size", "model"}
-    stage = {"cmd": "python -m src.stages.train_head", "params": ["head", "train.precision"]}
-    assert "train.strategy" in unlisted_reads("train_head", stage)  # what dvc.yaml once missed
+
+
+def test_a_stage_view_refuses_keys_it_did_not_declare():
+    from omegaconf.errors import ConfigAttributeError
+
+    from src.config.compose import compose
+    from src.stages.stage import view
+
+    sliced = view(compose(["experiment=ci"]), ("head", "train.strategy"))
+    assert sliced.head.dropout == 0.5 and sliced.train.strategy == "auto"
+    with pytest.raises(ConfigAttributeError):
+        sliced.train.logical_cpus  # noqa: B018 - reading it is the test
+    with pytest.raises(ConfigAttributeError):
+        sliced.finetune  # noqa: B018

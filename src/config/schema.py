@@ -31,6 +31,9 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")  # see src/fitti
 MAX_IMAGE_SIZE = 1024  # px per side: 1024² x 3 bytes is 3 MB per image before any model sees it
 # Keys a job may carry beyond the schema: set by a Hydra sweeper, not by users.
 RUNTIME_KEYS = ("optuna_trial_id",)
+# The node of a stage's view of the config that names the pipeline run it logs to (derived from
+# the whole config by `src.tracking.store.run_identity`; never set by users).
+RUN_NODE = "run"
 
 
 def _allowed(**rules: Any) -> dict[str, Any]:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from src.config.compose import load_params
-from src.config.paths import resolve_path
 from src.evaluation.calibration import TEMPERATURE_FILE, apply_temperature, as_matrix
 from src.images.decode import IMAGE_SUFFIXES, load_rgb, natural_key
 from src.images.files import walk_files
@@ -21,6 +19,23 @@ USAGE_HINT = "pass --model a .keras file saved by the pipeline (models/final.ker
 
 class ModelError(Exception):
     """A `--model` argument that does not name a usable model."""
+
+
+def default_model() -> Path:
+    """The pipeline's final model, `<paths.models>/final.keras` of params.yaml. The configuration
+    is imported here only: a served model loads without Hydra or OmegaConf."""
+    from src.config.compose import load_params
+    from src.config.paths import resolve_path
+
+    return resolve_path(load_params().paths.models) / "final.keras"
+
+
+def _store_uri() -> str:
+    """The MLflow store params.yaml names (or $MLFLOW_TRACKING_URI, or the local store)."""
+    from src.config.compose import load_params
+    from src.tracking import store
+
+    return store.tracking_uri(load_params())
 
 
 def image_files(target: Path) -> list[Path]:
@@ -43,7 +58,7 @@ def _first_sentence(err: BaseException, limit: int = 200) -> str:
 def load_keras_file(spec: str | None) -> tuple[object, list[str]]:
     """(Keras model, class names) from a .keras file and the `classes.json` beside it (None: the
     pipeline's final model); a ModelError when either is missing or unreadable."""
-    path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
+    path = Path(spec) if spec else default_model()
     name = f"--model {spec}" if spec else f"the default model {path}"
     if not path.is_file():
         fix = USAGE_HINT if spec else f"run `dvc repro` first or {USAGE_HINT}"
@@ -89,7 +104,7 @@ def read_temperature_file(file: Path) -> float | None:
 
 
 def _keras_file_temperature(spec: str | None) -> float | None:
-    path = Path(spec) if spec else resolve_path(load_params().paths.models) / "final.keras"
+    path = Path(spec) if spec else default_model()
     return read_temperature_file(path.with_name(TEMPERATURE_FILE))
 
 
@@ -97,9 +112,7 @@ def _mlflow_temperature(spec: str) -> float | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from src.tracking import store
-
-    mlflow.set_tracking_uri(store.tracking_uri(load_params()))
+    mlflow.set_tracking_uri(_store_uri())
     try:
         info = mlflow.models.get_model_info(spec)
         value = (info.metadata or {}).get("temperature")
@@ -122,9 +135,7 @@ def _load_mlflow_model(spec: str) -> tuple[object, list[str]]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from src.tracking import store
-
-    uri = store.tracking_uri(load_params())
+    uri = _store_uri()
     mlflow.set_tracking_uri(uri)
     try:
         info = mlflow.models.get_model_info(spec)

@@ -50,6 +50,7 @@ def fingerprint(root: Path, db: Path) -> tuple[int, str]:
     return len(files), digest.hexdigest()
 
 
+@stage.reads("dataset.name", "dataset.path", "paths.raw", "paths.downloads", "paths.cache")
 def run(cfg: DictConfig) -> dict:
     """Make the raw dataset available under `<paths.raw>` and describe it in `source.json`."""
     ds = cfg.dataset

@@ -34,7 +34,7 @@ from src.evaluation.calibration import TEMPERATURE_FILE
 from src.models import networks
 from src.outputs import atomic
 from src.stages import stage
-from src.tracking import pipeline_run
+from src.tracking import pipeline_run, store
 
 log = logging.getLogger(__name__)
 TIMED_STAGES = ("download", "prepare", "extract", "train_head", "finetune")
@@ -291,6 +291,11 @@ def fit_temperature(model, images: np.ndarray, y: np.ndarray, n_classes: int, ba
     return temperature
 
 
+@stage.reads(
+    "preset", "evaluate", "tracking", "train.batch_size", "dataset.image_size", "head.epochs", "model.name",
+    "paths.prepared", "paths.features", "paths.models", "paths.reports",
+    identity=store.run_identity,
+)  # fmt: skip
 def run(cfg: DictConfig) -> dict:
     """Evaluate on the test split, write reports, log the run to MLflow."""
     import keras

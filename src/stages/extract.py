@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+@stage.reads(
+    "model", "dataset.image_size", "train.batch_size", "train.precision",
+    "paths.prepared", "paths.features", "paths.cache",
+)  # fmt: skip
 def run(cfg: DictConfig) -> dict:
     """Extract features of train/val/test with the configured backbone."""
     final = resolve_path(cfg.paths.features)

@@ -24,11 +24,17 @@ from src.fitting import distribute, fit, optuna_trials, precision
 from src.models import networks
 from src.outputs import folders
 from src.stages import stage
-from src.tracking import live_metrics
+from src.tracking import live_metrics, store
 
 log = logging.getLogger(__name__)
 
 
+@stage.reads(
+    "finetune", "model", "augment", "dataset.image_size", "seed", "train.batch_size",
+    "train.precision", "train.jit_compile", "train.strategy", "train.logical_cpus",
+    "paths.prepared", "paths.models", "paths.reports",
+    logged=("tracking",), identity=store.run_identity,
+)  # fmt: skip
 def run(cfg: DictConfig) -> dict:
     """Fine-tune the top `finetune.layers` layers and save the final model."""
     import keras

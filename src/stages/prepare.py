@@ -208,6 +208,7 @@ def source_root(cfg: DictConfig, source: dict) -> Path:
     return root
 
 
+@stage.reads("dataset", "paths.raw", "paths.prepared", "paths.reports")
 def run(cfg: DictConfig) -> dict:
     """Prepare the dataset described by `cfg.dataset`; return counts and the data fingerprint.
 

@@ -1,26 +1,80 @@
-"""The thin entry point every DVC stage shares: load params.yaml, validate, run, summarise.
+"""What every stage shares: the keys it reads, the entry point (load params.yaml, validate, run,
+summarise), and the timed run that writes its summary.
 
-Each stage module ends with `if __name__ == "__main__": stage.main("<name>", run)`."""
+Each stage module declares what it reads on its `run` (`@stage.reads("dataset", "paths.raw")`)
+and ends with `if __name__ == "__main__": stage.main("<name>", run)`."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config.checks import validate
 from src.config.compose import load_params
 from src.config.paths import resolve_path
+from src.config.schema import RUN_NODE, RUNTIME_KEYS
 from src.errors import ConfigError, StageError
 from src.outputs import folders
 from src.outputs.atomic import write_json
 from src.outputs.folders import clean_stale
 
 log = logging.getLogger(__name__)
+
+StageRun = Callable[[DictConfig], dict]
+Identity = Callable[[DictConfig], dict]
+
+
+def view(cfg: DictConfig, keys: tuple[str, ...], identity: Identity | None = None) -> DictConfig:
+    """The part of `cfg` a stage reads: only `keys` (dotted; a section brings all its keys), plus,
+    for a stage that logs to MLflow, the pipeline run's `identity(cfg)` computed from the whole
+    config. Read-only; reading any other key raises. A view of a view works."""
+    data: dict = {}
+    for key in (*keys, *(k for k in RUNTIME_KEYS if k in cfg)):
+        value = OmegaConf.select(cfg, key, throw_on_missing=True, default=_ABSENT)
+        if value is _ABSENT:
+            raise ConfigError(f"{key}: the stage reads it, but the config has no such key")
+        node: dict = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    if identity is not None:
+        data[RUN_NODE] = identity(cfg)
+    sliced = OmegaConf.create(data)
+    OmegaConf.set_struct(sliced, True)
+    OmegaConf.set_readonly(sliced, True)
+    return sliced
+
+
+_ABSENT = object()
+
+
+def reads(
+    *keys: str, logged: tuple[str, ...] = (), identity: Identity | None = None
+) -> Callable[[StageRun], StageRun]:
+    """Declare the config keys a stage's `run` reads: it is then called with `view(cfg, ...)`
+    whatever it is given, so it cannot read anything else. `logged` keys are read only to log
+    epochs as they end (they change no output, so dvc.yaml need not list them); `identity`
+    names the pipeline run the stage logs to (`src.tracking.store.run_identity`). `run.reads`
+    and `run.logged` say what was declared (tests/test_dvc_deps.py checks dvc.yaml's params
+    against them)."""
+
+    def declare(run: StageRun) -> StageRun:
+        @functools.wraps(run)
+        def run_on_view(cfg: DictConfig) -> dict:
+            return run(view(cfg, (*keys, *logged), identity))
+
+        run_on_view.reads = keys  # type: ignore[attr-defined]
+        run_on_view.logged = logged  # type: ignore[attr-defined]
+        return run_on_view
+
+    return declare
 
 
 def summary_path(cfg: DictConfig, name: str) -> Path:

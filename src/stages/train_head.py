@@ -19,11 +19,17 @@ from src.fitting import distribute, fit, optuna_trials, precision
 from src.models import networks
 from src.outputs import atomic
 from src.stages import stage
-from src.tracking import live_metrics
+from src.tracking import live_metrics, store
 
 log = logging.getLogger(__name__)
 
 
+@stage.reads(
+    "head", "model", "augment", "dataset.image_size", "seed",
+    "train.precision", "train.jit_compile", "train.strategy", "train.logical_cpus",
+    "paths.prepared", "paths.features", "paths.models", "paths.reports",
+    logged=("tracking",), identity=store.run_identity,
+)  # fmt: skip
 def run(cfg: DictConfig) -> dict:
     """Train the head (or the from-scratch CNN) and save the best model and its history."""
     import keras

@@ -15,15 +15,11 @@ logged twice. If the store cannot be reached, training goes on and evaluate logs
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 
 from omegaconf import DictConfig
 
-from src.config.paths import project_root
 from src.tracking import store
 
 log = logging.getLogger(__name__)
@@ -34,9 +30,7 @@ PHASE_TAG = "live.{}"  # set on the run when a phase starts logging its epochs
 
 def pipeline_key(cfg: DictConfig) -> str:
     """What identifies one pipeline run across its stage processes."""
-    settings = {k: v for k, v in store.flatten(cfg).items() if not k.startswith("tracking.")}
-    text = json.dumps([str(project_root()), os.environ.get("DVC_EXP_NAME", ""), settings], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return store.run_identity(cfg)["key"]
 
 
 def running_run(cfg: DictConfig):
@@ -71,7 +65,12 @@ def open_run(cfg: DictConfig, phase: str) -> str:
         else:
             if found is not None:  # this phase ran into it before: start afresh
                 client.set_terminated(found.info.run_id, "KILLED")
-            tags = {KEY_TAG: pipeline_key(cfg), "preset": cfg.preset, "model": cfg.model.name}
+            identity = store.run_identity(cfg)
+            tags = {
+                KEY_TAG: identity["key"],
+                "preset": identity["tags"]["preset"],
+                "model": identity["tags"]["model"],
+            }
             run_id = client.create_run(experiment_id, tags=tags).info.run_id
             client.set_tag(run_id, "mlflow.runName", store.run_name(cfg, run_id))
     client.set_tag(run_id, PHASE_TAG.format(phase), "true")

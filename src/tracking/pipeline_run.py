@@ -73,7 +73,8 @@ class KerasFlavor:
 
 # What the logged models import (TensorFlow, the `src` code they ship, its image decoding): given
 # with their installed versions, so MLflow does not infer them by loading the model (slow).
-MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "pandas", "pillow", "hydra-core", "tqdm")
+# What the served model imports (src/serving, src/images, src/evaluation): no Hydra, no data pipeline.
+MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "pandas", "pillow")
 
 
 # MLflow tag -> the environment variable `dvc exp run` sets
@@ -158,9 +159,7 @@ def log_pipeline_run(
     tags = {
         "git_commit": git_commit(),
         FINGERPRINT_TAG: fingerprint,
-        "preset": cfg.preset,
-        "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
+        **store.run_identity(cfg)["tags"],
     }
     for tag, variable in DVC_TAGS.items():  # set by `dvc exp run`
         if os.environ.get(variable):
@@ -175,7 +174,7 @@ def log_pipeline_run(
         active = mlflow.start_run(experiment_id=experiment_id, tags=tags)
         mlflow.set_tag("mlflow.runName", store.run_name(cfg, active.info.run_id))
     with active as run:
-        params = {k: v for k, v in store.flatten(cfg).items() if k != "tracking.run_id"}
+        params = store.run_identity(cfg)["settings"]
         param_names = store.safe_keys(params)
         items = [(param_names[k], v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call

@@ -6,6 +6,7 @@ stages, which log their epochs as they run (`src.live_metrics`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.paths import project_root
+from src.config.schema import RUN_NODE
 
 STORE_DIR = project_root() / "mlruns"
 # Key characters every MLflow store takes: letters, digits, `_ - . /` (not all take spaces or colons).
@@ -139,7 +141,27 @@ def varied_settings(cfg: DictConfig) -> list[str]:
 def run_name(cfg: DictConfig, run_id: str) -> str:
     """What tells the run apart: its preset, the settings that differ from the preset, and the
     start of its run id, e.g. `dlwp_cats_vs_dogs finetune.layers=8 3f9a1c2e`."""
+    return f"{run_identity(cfg)['label']} {run_id[:8]}".strip()
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """What names and identifies the pipeline run a config belongs to: every setting (logged as
+    the run's params), the key that joins the stage processes of one run, its name's start, and
+    its tags. A stage's view of the config carries it (`src.stages.stage.reads`), computed from
+    the whole config, so that a stage reading only its own keys still logs the whole run."""
+    if RUN_NODE in cfg:
+        node = OmegaConf.to_container(cfg[RUN_NODE], resolve=True)
+        assert isinstance(node, dict)
+        return node
+    settings = {k: v for k, v in flatten(cfg).items() if k != "tracking.run_id"}
+    untracked = {k: v for k, v in settings.items() if not k.startswith("tracking.")}
+    text = json.dumps([str(project_root()), os.environ.get("DVC_EXP_NAME", ""), untracked], sort_keys=True)
     varied = " ".join(varied_settings(cfg))
     if len(varied) > 200:
         varied = varied[:199] + "…"
-    return " ".join(part for part in (cfg.preset, varied, run_id[:8]) if part)
+    return {
+        "settings": settings,
+        "key": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "label": " ".join(part for part in (cfg.preset, varied) if part),
+        "tags": {"preset": cfg.preset, "dataset": cfg.dataset.name, "model": cfg.model.name},
+    }
