@@ -32,12 +32,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from src import errors
 from src.config.checks import validate
+from src.config.compose import resolve
 from src.config.paths import resolve_path
-from src.errors import ConfigError
+from src.errors import ConfigError, StageError
 from src.fitting import optuna_trials
 from src.outputs import reuse
 from src.stages import download, evaluate, extract, finetune, prepare, stage, train_head
@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     are read from the cache only (`reuse.reuse_or_run`), which points `cfg.paths.prepared` and
     `cfg.paths.features` there for the later stages. `paths.models` and `paths.reports` are
     used as given (`main` points them at the Hydra output folder)."""
-    OmegaConf.resolve(cfg)  # the derived `inputs` (and the checks their resolver runs) once, now
+    resolve(cfg)  # the derived `inputs` (and the checks their resolver runs) once, now
     validate(cfg)
     with open_dict(cfg):
         cfg.paths.raw = str(reuse.raw_dir(cfg))
@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> float:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
             results = train(cfg)
-        except (ConfigError, errors.StageError) as err:
+        except (ConfigError, StageError) as err:
             log.error("%s", err)
             sys.exit(2 if isinstance(err, ConfigError) else 1)
         return validation_accuracy(results)

@@ -135,3 +135,21 @@ def test_an_output_folder_the_pipeline_made_or_a_new_one_is_accepted(tmp_path):
         compose(["experiment=ci", f"paths.reports={notes}"])
     beside_weights = Path(compose(["experiment=ci"]).model.weights).parent / "not-there-yet"
     validate(compose(["experiment=ci", f"paths.features={beside_weights}"]))  # a new folder is fine
+
+
+def test_src_train_refuses_an_unknown_key_in_one_line_before_any_stage(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            "experiment=ci",
+            "+head.dropuot=0.3",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "head.dropuot is not a known key" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr and not (tmp_path / "reports").exists()

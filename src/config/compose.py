@@ -52,9 +52,10 @@ register_resolvers()
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose `conf/config.yaml` with Hydra overrides and resolve interpolations.
+    """Compose `conf/config.yaml` with Hydra overrides and resolve interpolations (which runs the
+    checks: see `input_path`).
 
-    An unknown key, group or preset is a ConfigError naming it."""
+    An unknown key, group or preset, or a refused value, is a ConfigError naming it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -63,29 +64,46 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
-        if OmegaConf.is_missing(cfg.dataset, "path"):
-            raise ConfigError("dataset.path is required for dataset=folder: set dataset.path=/path/to/images")
-        OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        cause: BaseException | None = err
-        while cause is not None:  # a check that failed while resolving: its own message
-            if isinstance(cause, ConfigError):
-                raise ConfigError(f"{cause} (overrides: {' '.join(overrides) or 'none'})") from None
-            if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-                key = str(cause.full_key).split("[")[0]
-                given = next(
-                    (o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), "?"
-                )
-                reason = str(cause).splitlines()[0]
-                raise ConfigError(
-                    f"{key}={given} is not allowed: {reason} (its type is in src/config/schema.py; "
-                    f"overrides: {' '.join(overrides) or 'none'})"
-                ) from None
-            cause = cause.__cause__ or cause.__context__
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        message = " ".join(lines).split(" Config search path:")[0] or type(err).__name__
-        raise ConfigError(f"{message} (overrides: {' '.join(overrides) or 'none'})") from err
+        raise config_error(err, overrides) from None
+    return resolve(cfg, overrides)
+
+
+def resolve(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """Resolve `cfg`'s interpolations in place (the derived `inputs`, whose resolver validates
+    the whole config); a refused value is a ConfigError, not OmegaConf's wrapping of it."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if OmegaConf.is_missing(cfg.dataset, "path"):
+        raise ConfigError("dataset.path is required for dataset=folder: set dataset.path=/path/to/images")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise config_error(err, overrides) from None
     return cfg
+
+
+def config_error(err: BaseException, overrides: Sequence[str]) -> ConfigError:
+    """One line for a composition or resolution error: a check's own message, the key and value
+    that did not fit its type, or Hydra's message (unknown group or preset)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    given = f"overrides: {' '.join(overrides) or 'none'}"
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ConfigError):  # a check that failed while resolving
+            return ConfigError(f"{cause} ({given})")
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            key = str(cause.full_key).split("[")[0]
+            value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), "?")
+            reason = str(cause).splitlines()[0]
+            return ConfigError(
+                f"{key}={value} is not allowed: {reason} (its type is in src/config/schema.py; {given})"
+            )
+        cause = cause.__cause__ or cause.__context__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = " ".join(lines).split(" Config search path:")[0] or type(err).__name__
+    return ConfigError(f"{message} ({given})")
 
 
 def to_yaml(cfg: DictConfig) -> str:
