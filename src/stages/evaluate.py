@@ -29,7 +29,7 @@ from src import errors
 from src.config.checks import is_pretrained
 from src.config.paths import resolve_path
 from src.data import arrays
-from src.evaluation import calibration
+from src.evaluation import calibration, classification, plots
 from src.evaluation.calibration import TEMPERATURE_FILE
 from src.models import networks
 from src.outputs import atomic
@@ -54,51 +54,6 @@ def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) 
     loss = float(np.mean(keras.ops.convert_to_numpy(loss_fn(y_true, raw))))
     accuracy = float(np.mean(probs.argmax(axis=1) == y))
     return {"accuracy": round(accuracy, 6), "loss": round(loss, 6)}, probs
-
-
-def per_class_report(y: np.ndarray, predicted: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support per class (one row each, in label order, real names in
-    the `class` column), then accuracy, macro and weighted averages. Rows are by position, so a
-    class may be called `accuracy` or `macro avg` without clashing with the summary rows."""
-    from sklearn.metrics import precision_recall_fscore_support
-
-    labels = list(range(len(classes)))
-    p, r, f, support = precision_recall_fscore_support(y, predicted, labels=labels, zero_division=0)
-    rows = [
-        {"class": c, "precision": p[i], "recall": r[i], "f1-score": f[i], "support": int(support[i])}
-        for i, c in enumerate(classes)
-    ]
-    total = int(support.sum())
-    accuracy = float(np.mean(y == predicted)) if total else 0.0
-    rows.append(
-        {
-            "class": "accuracy",
-            "precision": accuracy,
-            "recall": accuracy,
-            "f1-score": accuracy,
-            "support": total,
-        }
-    )
-    rows.append(
-        {
-            "class": "macro avg",
-            "precision": p.mean(),
-            "recall": r.mean(),
-            "f1-score": f.mean(),
-            "support": total,
-        }
-    )
-    weights = support / max(total, 1)
-    rows.append(
-        {
-            "class": "weighted avg",
-            "precision": float(p @ weights),
-            "recall": float(r @ weights),
-            "f1-score": float(f @ weights),
-            "support": total,
-        }
-    )
-    return pd.DataFrame(rows, columns=["class", "precision", "recall", "f1-score", "support"])
 
 
 def stage_seconds(cfg: DictConfig) -> dict[str, float]:
@@ -131,139 +86,6 @@ def require_images(array: np.ndarray, split: str, folder: Path) -> None:
             f"split {split!r} in {folder} holds no images: nothing to evaluate on; "
             "check dataset.split and dataset.limit_per_class, then rerun prepare (dvc repro)"
         )
-
-
-def plot_curves(histories: dict[str, Path], path: Path) -> None:
-    """Loss and accuracy per epoch, head then fine-tune, train and validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0
-    for phase, csv_path in histories.items():
-        frame = pd.read_csv(csv_path) if csv_path.is_file() else pd.DataFrame()
-        if frame.empty:
-            continue
-        epochs = frame["epoch"] + offset
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            ax.plot(epochs, frame[metric], "-o", ms=3, label=f"{phase} train")
-            ax.plot(epochs, frame[f"val_{metric}"], "-s", ms=3, label=f"{phase} val")
-        offset = int(epochs.max())
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # no curves when no epoch was trained
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, 0.35 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ticks = np.arange(len(classes))
-    ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0)
-    ax.set_yticks(ticks, classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    if len(classes) <= 15:
-        for (i, j), value in np.ndenumerate(matrix):
-            ax.text(
-                j,
-                i,
-                str(value),
-                ha="center",
-                va="center",
-                color="white" if value > matrix.max() / 2 else "black",
-            )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_misclassified(
-    images: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, limit: int = 16
-) -> int:
-    """A grid of (the first `limit`) misclassified test images with true and predicted class;
-    returns how many images are misclassified in all."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    all_wrong = np.flatnonzero(probs.argmax(axis=1) != y)
-    wrong = all_wrong[:limit]
-    cols = 4
-    rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
-        pred = int(probs[i].argmax())
-        ax.imshow(images[i])
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred]} ({probs[i, pred]:.2f})", fontsize=9)
-    if not len(wrong):
-        axes.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    elif len(all_wrong) > len(wrong):
-        fig.suptitle(f"{len(wrong)} of {len(all_wrong)} misclassified test images", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return len(all_wrong)
-
-
-def plot_reliability(tables: dict[str, pd.DataFrame], eces: dict[str, float], path: Path) -> None:
-    """Reliability diagram: accuracy against mean confidence per bin (one line per table, e.g.
-    before and after temperature scaling), the diagonal of perfect calibration, and the number
-    of test images in each bin below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
-    for i, (name, table) in enumerate(tables.items()):
-        filled = table[table["count"] > 0]
-        top.plot(filled["confidence"], filled["accuracy"], "-o", ms=4, label=f"{name} (ECE {eces[name]:.3f})")
-        width = float((table["upper"] - table["lower"]).iloc[0])
-        shift = (i - (len(tables) - 1) / 2) * width / len(tables)
-        centers = (table["lower"] + table["upper"]) / 2 + shift
-        bars = bottom.bar(centers, table["count"], width=width / len(tables), alpha=0.7, label=name)
-        if len(table) <= 20:
-            bottom.bar_label(bars, labels=[str(c) if c else "" for c in table["count"]], fontsize=7)
-    top.set_xlim(0, 1)
-    top.set_ylim(0, 1.02)
-    top.set_ylabel("accuracy")
-    top.set_title("reliability on the test split")
-    top.grid(alpha=0.3)
-    top.legend(loc="upper left", fontsize=8)
-    bottom.set_xlabel("confidence (probability of the predicted class)")
-    bottom.set_ylabel("test images")
-    bottom.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def check_bins(cfg: DictConfig) -> int:
-    """`evaluate.bins` as an int, refused unless it is a whole number of at least 1."""
-    bins = cfg.evaluate.bins
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise errors.StageError(f"evaluate.bins={bins!r} is not allowed: it must be an integer of at least 1")
-    return bins
 
 
 def validation_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     import keras
     from sklearn.metrics import confusion_matrix
 
-    bins = check_bins(cfg)
+    bins = cfg.evaluate.bins  # an integer >= 1: the schema checks it
     classes = arrays.load_classes(cfg)
     n = len(classes)
     reports = resolve_path(cfg.paths.reports)
@@ -340,7 +162,7 @@ def run(cfg: DictConfig) -> dict:
     elif temperature_file.is_file():
         temperature_file.unlink()  # fitted for an earlier run: src.predict must not apply it
         log.info("removed %s (evaluate.temperature_scaling is false)", temperature_file)
-    report = per_class_report(y, predicted, classes)
+    report = classification.per_class_report(y, predicted, classes)
     per_class = {
         c: {k: round(float(row[k]), 6) for k in ("precision", "recall", "f1-score")}
         for c, (_, row) in zip(classes, report.iloc[: len(classes)].iterrows())
@@ -360,10 +182,10 @@ def run(cfg: DictConfig) -> dict:
 
     histories = {"head": reports / "head" / "history.csv", "finetune": reports / "finetune" / "history.csv"}
     matrix = confusion_matrix(y, predicted, labels=list(range(n)))
-    plot_curves(histories, figures / "curves.png")
-    plot_confusion(matrix, classes, figures / "confusion_matrix.png")
-    n_wrong = plot_misclassified(images, y, probs, classes, figures / "misclassified.png")
-    plot_reliability(tables, eces, figures / "reliability.png")
+    plots.plot_curves(histories, figures / "curves.png")
+    plots.plot_confusion(matrix, classes, figures / "confusion_matrix.png")
+    n_wrong = plots.plot_misclassified(images, y, probs, classes, figures / "misclassified.png")
+    plots.plot_reliability(tables, eces, figures / "reliability.png")
     log.info(
         "test accuracy %.4f (head alone: %s), %d of %d misclassified, ECE %.4f%s",
         test["accuracy"],
