@@ -9,7 +9,7 @@
 
 Unlike `dvc repro`, this reads `conf/` directly (not params.yaml) and runs outside DVC, so
 DVC's cache does not serve it: prepared data and features are reused whenever their inputs
-match through `src.outputs.reuse`, so a sweep over head and fine-tune keys extracts features once.
+match through `src.stages.reuse`, so a sweep over head and fine-tune keys extracts features once.
 It never reads or writes what `dvc repro` owns, which a concurrent `dvc repro` may replace
 mid-run: prepared data and features are read only from `<paths.cache>/<stage>/<key>/` (what
 `dvc repro` or `dvc pull` left in `data/prepared` and `data/features` is snapshotted there when
@@ -39,8 +39,7 @@ from src.config.compose import resolve
 from src.config.paths import resolve_path
 from src.errors import ConfigError, StageError
 from src.fitting import optuna_trials
-from src.outputs import reuse
-from src.stages import download, evaluate, extract, finetune, prepare, stage, train_head
+from src.stages import download, evaluate, extract, finetune, prepare, reuse, stage, train_head
 from src.tracking import sweep
 
 log = logging.getLogger(__name__)

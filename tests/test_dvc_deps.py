@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from src.config.paths import REPO_ROOT
-from src.outputs import reuse
 from src.outputs.codedeps import code_deps
+from src.stages import reuse
 
 STAGES: dict[str, dict] = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 

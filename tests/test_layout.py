@@ -18,11 +18,9 @@ from src.outputs.codedeps import PACKAGE_DIR, _imported
 # A module belongs to the layer of the longest prefix naming it.
 LAYERS: list[tuple[str, ...]] = [
     ("src.errors", "src.config.paths"),  # the error types and the repository's paths
-    # Leaf helpers (no `src` imports) that lower layers than their package's use: the precision
-    # policy keys cached outputs (src.outputs.reuse), progress is reported by src.models.networks.
-    ("src.fitting.precision", "src.fitting.progress"),
-    ("src.outputs",),  # atomic writes, output folders, hashes, cached stage outputs
-    ("src.config",),  # composing and checking the config (writes through src.outputs)
+    ("src.config.schema",),  # every key, its type, default and allowed values
+    ("src.outputs",),  # atomic writes, output folders and markers, hashes, progress lines, code deps
+    ("src.config",),  # composing and checking the config (checks output folders' markers)
     ("src.images",),
     ("src.data",),
     ("src.models",),

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from src.data import arrays
-from src.fitting import fit, progress
+from src.fitting import fit
 from src.models import networks
+from src.outputs import progress
 
 LINE = re.compile(
     r"^(?P<label>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+%\), [\d.]+ \w+/s, ETA \S+$"

@@ -23,9 +23,9 @@ from src.config.checks import validate
 from src.config.compose import compose
 from src.config.paths import PARAMS_FILE, REPO_ROOT
 from src.errors import ConfigError
-from src.outputs import atomic, folders, hashing, reuse
+from src.outputs import atomic, folders, hashing
 from src.outputs.atomic import atomic_file
-from src.stages import download, stage
+from src.stages import download, reuse, stage
 from tests import corpus
 from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, make_cfg, path_overrides, require_shared
 

@@ -17,8 +17,7 @@ from mlflow import MlflowClient
 
 from src import compare
 from src.config.paths import REPO_ROOT, project_root
-from src.outputs import reuse
-from src.stages import prepare
+from src.stages import prepare, reuse
 from src.tracking import store, sweep
 from tests.conftest import SHARED, free_port, make_cfg, path_overrides, require_shared
 

@@ -20,7 +20,8 @@ from omegaconf import open_dict
 
 from src.config.compose import compose
 from src.config.paths import REPO_ROOT
-from src.outputs import folders, reuse
+from src.outputs import folders
+from src.stages import reuse
 from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, path_overrides, require_shared
 
 # --- the snapshot alone, on hand-made folders ------------------------------------------------

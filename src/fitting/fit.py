@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from src.fitting import distribute, progress
-from src.outputs import folders
+from src.fitting import distribute
+from src.outputs import folders, progress
 from src.outputs.atomic import atomic_file
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ module's own file is included; the packages' `__init__.py` files are not: they h
 only and determine no output, so keep it that way (tests/test_layout.py checks it).
 
 dvc.yaml lists exactly these files as each stage's code deps (tests/test_dvc_deps.py checks
-it) and `src.outputs.reuse` hashes them into the key of a cached output. Print them with
+it) and `src.stages.reuse` hashes them into the key of a cached output. Print them with
 
     python -m src.outputs.codedeps extract train_head
 """

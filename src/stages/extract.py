@@ -19,8 +19,8 @@ from src.config.paths import resolve_path
 from src.data import arrays
 from src.fitting import precision
 from src.models import networks
-from src.outputs import folders, reuse
-from src.stages import stage
+from src.outputs import folders
+from src.stages import reuse, stage
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -38,8 +38,8 @@ from src.data.scan import SPLITS, Item, shown_path
 from src.data.splits import assign_splits, limit_per_class
 from src.errors import StageError
 from src.images.decode import DEFAULT_MAX_PIXELS
-from src.outputs import folders, reuse
-from src.stages import stage
+from src.outputs import folders
+from src.stages import reuse, stage
 
 log = logging.getLogger(__name__)
 
