@@ -249,7 +249,7 @@ def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_p
 
     import tensorflow as tf
 
-    from src.fitting import progress
+    from src.outputs import progress
 
     @tf.function(reduce_retracing=True)
     def forward(x):
