@@ -40,7 +40,7 @@ def test_probabilities(work: Path) -> np.ndarray:
 
     prepared = next(p for p in (work / "cache" / "prepare").iterdir() if p.is_dir())  # beside lock files
     images, _ = arrays.load_split(prepared, "images", "test")
-    model = keras.saving.load_model(work / "models" / "final.keras")
+    model = keras.saving.load_model(work / "hydra" / "models" / "final.keras")  # src.train's own folder
     raw = model.predict(arrays.batches(images, None, 32), verbose=0)
     return networks.probabilities(raw)
 

@@ -79,9 +79,7 @@ def run_preset(preset: str, folder: Path, weights: str | None, work: Path, extra
         *([f"model.weights={weights}"] if weights else []),
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
         f"hydra.run.dir={work / 'hydra'}",
-        *[f"paths.{key}={work / key}" for key in ("raw", "downloads", "prepared", "features", "models")],
-        f"paths.reports={work / 'reports'}",
-        f"paths.cache={work / 'cache'}",
+        *[f"paths.{key}={work / key}" for key in ("downloads", "prepared", "features", "cache")],
         *extra,
     ]
     start = time.perf_counter()
@@ -94,7 +92,7 @@ def run_preset(preset: str, folder: Path, weights: str | None, work: Path, extra
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         return {"error": " | ".join(tail), "wall": wall}
-    reports = work / "reports"
+    reports = work / "hydra" / "reports"  # src.train writes models and reports to its Hydra folder
     metrics = json.loads((reports / "metrics.json").read_text())
     seconds = {s: json.loads((reports / f"{s}.json").read_text()).get("seconds") for s in STAGES}
     extract = json.loads((reports / "extract.json").read_text())
