@@ -242,16 +242,14 @@ def _check_value(key: str, value: object, rules: dict[str, Any]) -> None:
 
 
 def _check_fields(node: DictConfig, schema: type, prefix: str) -> None:
+    """Each field's allowed values (its metadata), nested dataclasses included."""
     for spec in dataclasses.fields(schema):
         key = f"{prefix}{spec.name}"
-        value = node[spec.name]
-        if dataclasses.is_dataclass(
-            spec.default_factory if spec.default_factory is not dataclasses.MISSING else None
-        ):
-            _check_fields(value, spec.default_factory, f"{key}.")  # type: ignore[arg-type]
-            continue
-        if "allowed" in spec.metadata:
-            _check_value(key, value, spec.metadata["allowed"])
+        nested = spec.default_factory
+        if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+            _check_fields(node[spec.name], nested, f"{key}.")
+        elif "allowed" in spec.metadata:
+            _check_value(key, node[spec.name], spec.metadata["allowed"])
 
 
 def typed(cfg: DictConfig) -> DictConfig:
