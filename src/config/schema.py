@@ -222,7 +222,13 @@ def _check_value(key: str, value: object, rules: dict[str, Any]) -> None:
     if "choices" in rules:
         choices = rules["choices"]
         if not any(value is c or (value == c and type(value) is type(c)) for c in choices):
-            raise bad("choose one of " + ", ".join("null" if c is None else str(c) for c in choices))
+            raise bad(
+                "choose one of "
+                + ", ".join(
+                    "null" if c is None else str(c).lower() if isinstance(c, bool) else str(c)
+                    for c in choices
+                )
+            )
         return
     if value is None:
         return
