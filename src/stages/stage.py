@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 StageRun = Callable[[DictConfig], dict]
 Identity = Callable[[DictConfig], dict]
+_ABSENT = object()
 
 
 def view(cfg: DictConfig, keys: tuple[str, ...], identity: Identity | None = None) -> DictConfig:
@@ -50,9 +51,6 @@ def view(cfg: DictConfig, keys: tuple[str, ...], identity: Identity | None = Non
     OmegaConf.set_struct(sliced, True)
     OmegaConf.set_readonly(sliced, True)
     return sliced
-
-
-_ABSENT = object()
 
 
 def reads(
@@ -86,10 +84,10 @@ def clean_outputs(cfg: DictConfig) -> None:
     """Remove what killed runs left beside the outputs (see `clean_stale`)."""
     from src.config.checks import OUTPUT_KEYS
 
-    folders = {resolve_path(cfg.paths[key]).parent for key in OUTPUT_KEYS if key in cfg.paths}
-    folders.add(resolve_path(cfg.paths.models))
-    folders |= {resolve_path(cfg.paths.cache) / name for name in ("prepare", "extract")}
-    for folder in folders:
+    parents = {resolve_path(cfg.paths[key]).parent for key in OUTPUT_KEYS if key in cfg.paths}
+    parents.add(resolve_path(cfg.paths.models))
+    parents |= {resolve_path(cfg.paths.cache) / name for name in ("prepare", "extract")}
+    for folder in parents:
         clean_stale(folder)
 
 
@@ -108,7 +106,7 @@ def timed_run(name: str, run: Callable[[DictConfig], dict], cfg: DictConfig) -> 
 
 
 def main(name: str, run: Callable[[DictConfig], dict]) -> None:
-    """Entry point of `python -m src.<stage>`: exits 2 on a bad config, 1 on a stage error."""
+    """Entry point of `python -m src.stages.<stage>`: exits 2 on a bad config, 1 on a stage error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = validate(load_params())
