@@ -5,7 +5,7 @@ against validating on activations cached at the freeze boundary.
 
 The `dlwp_cats_vs_dogs` recipe (VGG16, block 5 unfrozen, flip/rotation/zoom augmentation) on
 the shared cats-vs-dogs images: validation images are never augmented, so the frozen bottom's
-activations for them are the same every epoch. Both sides run `src.finetune.run` for two
+activations for them are the same every epoch. Both sides run `src.stages.finetune.run` for two
 epochs from the same trained head, alternating in pairs; the table gives the median time of
 an epoch after the first (training + validation), the one-time caching pass, and the largest
 difference between the two validation-loss curves (they must agree).

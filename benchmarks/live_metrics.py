@@ -3,7 +3,7 @@
     python benchmarks/live_metrics.py [--epochs 40] [--rounds 3]
 
 Trains the `ci` preset's dense head on random features shaped like VGG16's at 224 px
-(2000 x 7 x 7 x 512) with and without the live-metrics callback (`src.live_metrics`, local SQLite
+(2000 x 7 x 7 x 512) with and without the live-metrics callback (`src.tracking.live_metrics`, local SQLite
 store in a temp folder), alternating the two in each round, and prints the median seconds per
 epoch of each and their ratio, plus the median time of the callback's own work per epoch.
 """

@@ -9,7 +9,7 @@ Prints one table:
 
 (a) reference: a Python loop calling `conv_base.predict` per batch of
     `keras.utils.image_dataset_from_directory`, float32 (decoding and resizing included);
-(b) the extract stage (`src.extract.run`, `train.precision=auto`) on the same images, already
+(b) the extract stage (`src.stages.extract.run`, `train.precision=auto`) on the same images, already
     prepared (decoded and resized once by the prepare stage, as in the pipeline);
 (c) the raw ceiling: `conv_base.predict` on a preprocessed in-memory array, per precision;
 (d) fine-tuning VGG16's block 5 without augmentation, per precision, through the whole network

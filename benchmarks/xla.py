@@ -5,7 +5,7 @@
 Fine-tunes VGG16's block 5 plus a small head on random images, one epoch after a warm-up
 epoch, with and without `jit_compile`, in float32 and mixed_bfloat16, and prints training
 images per second and the ratio. `train.jit_compile: auto` follows these figures (see
-`src/precision.py`).
+`src/fitting/precision.py`).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_postgres() -> Iterator[str]:
-    """A real PostgreSQL (`src.tracking_server`) on a free loopback port for the block; yields its
+    """A real PostgreSQL (`src.tracking.server`) on a free loopback port for the block; yields its
     URI. Skips the test when the server binaries or the driver are missing."""
     from src.tracking import server
 

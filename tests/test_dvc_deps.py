@@ -1,5 +1,5 @@
 """dvc.yaml's code deps cannot drift: each stage lists exactly the `src/*.py` files its module
-imports, directly or not (`src.codedeps`), so editing any code a stage runs reruns it."""
+imports, directly or not (`src.outputs.codedeps`), so editing any code a stage runs reruns it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`tracking=server` for real: PostgreSQL and `mlflow server` (proxied artifacts) started on
-loopback ports by `src.tracking_server`, the `ci` preset run against it, and the run, its metrics,
+loopback ports by `src.tracking.server`, the `ci` preset run against it, and the run, its metrics,
 artifacts and registered model read back over MLflow's REST API."""
 
 from __future__ import annotations

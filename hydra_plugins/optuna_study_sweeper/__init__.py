@@ -3,14 +3,14 @@ by many sweeper processes and whose trials can be pruned from inside the job.
 
 Each trial is asked from the study (`study.ask` with the search space of `hydra.sweeper.params`
 and any sweep overrides on the command line), launched as a Hydra job with `optuna_trial_id`
-set, and told the job's return value; a job its pruner stopped (`src.optuna_trials`) is told
+set, and told the job's return value; a job its pruner stopped (`src.fitting.optuna_trials`) is told
 PRUNED, a failed one FAIL. With `storage` pointing at a database every process reaches
 (`postgresql://…`) and a fixed `study_name`, every process started with the same command joins
 the same study (`load_if_exists`) and runs `n_trials` of it; the storage hands out each trial
 once. Without `storage` the study lives in `<sweep dir>/optuna.db`.
 
 Hydra only loads plugins from the `hydra_plugins` package, hence this folder; the job side is
-`src/optuna_trials.py`.
+`src/fitting/optuna_trials.py`.
 """
 
 from __future__ import annotations

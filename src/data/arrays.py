@@ -79,7 +79,7 @@ def batches(
     """A `tf.data.Dataset` of (x, y) float32 batches (x only when labels is None) read from
     a possibly memory-mapped array; reshuffled every epoch when `shuffle`. With `shard` = (i, k),
     k > 1, only batches i, i + k, i + 2k, ... of each epoch, as many for every i (one worker's
-    share in multi-worker training; `src.distribute`)."""
+    share in multi-worker training; `src.fitting.distribute`)."""
     import tensorflow as tf
 
     n = len(array)

@@ -1,6 +1,6 @@
 """Fitting shared by `train_head` and `finetune`: checkpoint on the best val_loss, restore it,
 save the model atomically and write the per-epoch history as CSV (for `dvc plots`). Where
-stdout is not a terminal, progress lines within each epoch are logged (`src.progress`)."""
+stdout is not a terminal, progress lines within each epoch are logged (`src.outputs.progress`)."""
 
 from __future__ import annotations
 

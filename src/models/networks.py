@@ -244,7 +244,7 @@ def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_p
     Batches are read from the file behind a memory-mapped array with plain reads and the
     output is appended to the file, so neither stays mapped into the process: its memory
     does not grow with the dataset. Where stdout is not a terminal, a progress line is logged
-    every so often (`src.progress`)."""
+    every so often (`src.outputs.progress`)."""
     from pathlib import Path
 
     import tensorflow as tf

@@ -2,7 +2,7 @@
 test metrics, artifacts, tags and the models).
 
 Each run logs the final Keras model twice: `keras_model`, the Keras 3 flavor with a signature
-and a uint8 input example, and `model`, the image classifier of `src.pyfunc_model` (paths or
+and a uint8 input example, and `model`, the image classifier of `src.serving.pyfunc_model` (paths or
 pixels in, class names and probabilities out), which is registered as `tracking.registered_model`.
 The new version gets the alias `champion` when no champion was trained on the same data (dataset
 fingerprint) or when its test accuracy beats the champion's; else `candidate`.

@@ -1,7 +1,7 @@
 """Where MLflow runs go and what they are called: the store (the local SQLite file unless a
 server or another URI is configured), the experiment, run names from the settings that differ
 from the preset, and metric and param keys every store accepts. Light enough for the training
-stages, which log their epochs as they run (`src.live_metrics`)."""
+stages, which log their epochs as they run (`src.tracking.live_metrics`)."""
 
 from __future__ import annotations
 
