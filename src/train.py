@@ -39,6 +39,7 @@ from src.config.compose import resolve
 from src.config.paths import resolve_path
 from src.errors import ConfigError, StageError
 from src.fitting import optuna_trials
+from src.outputs import folders
 from src.stages import download, evaluate, extract, finetune, prepare, reuse, stage, train_head
 from src.tracking import sweep
 
@@ -75,7 +76,10 @@ def train(cfg: DictConfig) -> dict[str, dict]:
         cfg.paths.raw = str(reuse.raw_dir(cfg))
     results = {}
     # one job at a time fetches the source and finds or builds its prepared data
-    with reuse.lock(resolve_path(cfg.paths.cache) / "download.lock"):
+    # the cache is shared by concurrent jobs: marked as the pipeline's before a lock file lands in
+    # it, so another job's checks never see it unmarked
+    cache = folders.claim(resolve_path(cfg.paths.cache))
+    with reuse.lock(cache / "download.lock"):
         results["download"] = stage.timed_run("download", download.run, cfg)
         results["prepare"] = stage.timed_run("prepare", _reusing("prepare", prepare.run), cfg)
     results["extract"] = stage.timed_run("extract", _reusing("extract", extract.run), cfg)
