@@ -36,10 +36,8 @@ from omegaconf import DictConfig, open_dict
 
 from src.config.checks import validate
 from src.config.compose import resolve
-from src.config.paths import resolve_path
 from src.errors import ConfigError, StageError
 from src.fitting import optuna_trials
-from src.outputs import folders
 from src.stages import download, evaluate, extract, finetune, prepare, reuse, stage, train_head
 from src.tracking import sweep
 
@@ -76,10 +74,7 @@ def train(cfg: DictConfig) -> dict[str, dict]:
         cfg.paths.raw = str(reuse.raw_dir(cfg))
     results = {}
     # one job at a time fetches the source and finds or builds its prepared data
-    # the cache is shared by concurrent jobs: marked as the pipeline's before a lock file lands in
-    # it, so another job's checks never see it unmarked
-    cache = folders.claim(resolve_path(cfg.paths.cache))
-    with reuse.lock(cache / "download.lock"):
+    with reuse.lock(reuse.cache_dir(cfg) / "download.lock"):
         results["download"] = stage.timed_run("download", download.run, cfg)
         results["prepare"] = stage.timed_run("prepare", _reusing("prepare", prepare.run), cfg)
     results["extract"] = stage.timed_run("extract", _reusing("extract", extract.run), cfg)

@@ -95,12 +95,18 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
     raise KeyError(stage)
 
 
+def cache_dir(cfg: DictConfig) -> Path:
+    """`paths.cache`, made with the pipeline's marker when it is not there yet: concurrent jobs
+    share it, and one job's checks must never see it unmarked with another's lock file in it."""
+    return folders.claim(resolve_path(cfg.paths.cache))
+
+
 def raw_dir(cfg: DictConfig) -> Path:
     """The raw-data folder of `src.train` for this dataset (`<paths.cache>/raw/<digest>`), never
     DVC's `paths.raw`: a `dvc repro download` may rewrite that while a run reads it."""
     path = cfg.dataset.get("path")
     where = None if path is None else str(resolve_input(path).resolve())
-    return resolve_path(cfg.paths.cache) / "raw" / _digest("raw", cfg.dataset.name, where)
+    return cache_dir(cfg) / "raw" / _digest("raw", cfg.dataset.name, where)
 
 
 def _matches(folder: Path, key: str) -> bool:
@@ -110,7 +116,7 @@ def _matches(folder: Path, key: str) -> bool:
 def find(cfg: DictConfig, stage: str, key: str) -> Path | None:
     """The output of `stage` with this key in the cache (`<paths.cache>/<stage>/<key>/`), if any.
     The DVC output is never returned: `dvc repro` may replace it while it is read."""
-    folder = resolve_path(cfg.paths.cache) / stage / key
+    folder = cache_dir(cfg) / stage / key
     return folder if _matches(folder, key) else None
 
 
@@ -216,7 +222,7 @@ def reuse_or_run(cfg: DictConfig, stage: str, run: Callable[[DictConfig], dict])
     later stages read) set, and `snapshot_of` when the DVC output was snapshotted."""
     out_key = CACHED_STAGES[stage]
     key = stage_key(cfg, stage)
-    target = resolve_path(cfg.paths.cache) / stage / key
+    target = cache_dir(cfg) / stage / key
     extra: dict = {}
     found = find(cfg, stage, key)
     if found is None:
