@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from src import compare
 from src.config.paths import REPO_ROOT, project_root
 from src.stages import prepare, reuse
+from src.tracking import server as tracking_server
 from src.tracking import store, sweep
 from tests.conftest import SHARED, free_port, make_cfg, path_overrides, require_shared
 
@@ -180,7 +181,7 @@ def mlflow_server(store_uri: str) -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        server.wait_until_up(f"http://127.0.0.1:{port}", server, timeout=90)
+        tracking_server.wait_until_up(f"http://127.0.0.1:{port}", server, timeout=90)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()

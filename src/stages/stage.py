@@ -95,8 +95,10 @@ def timed_run(name: str, run: Callable[[DictConfig], dict], cfg: DictConfig) -> 
     """Run a stage, add its wall time, write its summary JSON and return it. Temp folders left
     by killed runs are removed first."""
     clean_outputs(cfg)
-    for key in ("models", "reports", "cache"):  # marked as the pipeline's when it makes them
-        folders.claim(resolve_path(cfg.paths[key]))
+    declared = getattr(run, "reads", None)  # a stage's `@reads`; None for a wrapper of one
+    for key in ("reports", "models"):  # marked as the pipeline's when it makes them
+        if key == "reports" or declared is None or f"paths.{key}" in declared:
+            folders.claim(resolve_path(cfg.paths[key]))
     start = time.perf_counter()
     result = run(cfg)
     result["seconds"] = round(time.perf_counter() - start, 2)
