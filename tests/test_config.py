@@ -153,3 +153,46 @@ def test_src_train_refuses_an_unknown_key_in_one_line_before_any_stage(tmp_path)
     )
     assert proc.returncode == 2 and "head.dropuot is not a known key" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr and not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "home"),
+    [
+        ("http://alice:s3cr3t-TOKEN@tracking-host:5000", "MLFLOW_TRACKING_PASSWORD"),
+        ("https://s3cr3t-TOKEN@tracking-host", "MLFLOW_TRACKING_TOKEN"),
+        ("'https://tracking-host/api?token=s3cr3t-TOKEN'", "MLFLOW_TRACKING_TOKEN"),
+        ("postgresql://mlflow:s3cr3t-TOKEN@db-host/mlflow", "PGPASSWORD"),
+    ],
+)
+def test_credentials_in_the_tracking_uri_are_refused_without_being_repeated(uri, home):
+    before = PARAMS_FILE.read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.params", f"tracking.uri={uri}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "tracking.uri carries credentials" in output and home in output
+    assert "s3cr3t" not in output and PARAMS_FILE.read_text() == before
+
+
+def test_a_database_user_name_alone_is_no_secret():
+    cfg = compose(["tracking.uri=postgresql://mlflow@db-host/mlflow"])
+    assert validate(cfg).tracking.uri == "postgresql://mlflow@db-host/mlflow"
+
+
+def test_an_optuna_storage_with_a_password_stops_the_sweep_before_any_job(tmp_path):
+    command = [
+        "-m", "src.train", "-m", "experiment=ci", "hparams_search=finetune_optuna",
+        "hydra.sweeper.storage=postgresql://optuna:s3cr3t-TOKEN@127.0.0.1:9/optuna",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]  # fmt: skip
+    proc = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert (
+        proc.returncode != 0
+        and "hydra.sweeper.storage carries credentials" in output
+        and "PGPASSWORD" in output
+    )
+    assert "s3cr3t" not in output and not list((tmp_path / "sweep").glob("*/.hydra"))  # no job ran

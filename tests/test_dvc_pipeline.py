@@ -275,3 +275,9 @@ def test_bad_configs_stop_before_dvc_deletes_anything(tmp_path):
         out = _refused(repo, *args)
         assert "head.dropuot is not a known key" in out
     assert "dropuot" not in (repo / "params.yaml").read_text()
+
+    out = _refused(
+        repo, "dvc", "exp", "run", "-S", "experiment=ci", "-S", "tracking.uri=http://me:s3cr3t@host:5000"
+    )
+    assert "tracking.uri carries credentials" in out and "s3cr3t" not in out
+    assert not any("s3cr3t" in p.read_text() for p in (repo / "params.yaml", repo / "dvc.lock") if p.exists())

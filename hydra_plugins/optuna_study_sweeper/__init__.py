@@ -114,6 +114,7 @@ class OptunaStudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
+        from src.config.checks import refuse_credentials
         from src.fitting.optuna_trials import PRUNED_ATTR, TRIAL_KEY, storage_url
 
         parser = OverridesParser.create()
@@ -126,6 +127,8 @@ class OptunaStudySweeper(Sweeper):
                 space[override.get_key_element()] = distribution(override.get_key_element(), override.value())
             else:
                 fixed.append(override.input_line)
+        # a password in the storage URL would land in every job's logged overrides and config
+        refuse_credentials("hydra.sweeper.storage", self.config.hydra.sweeper.get("storage"))
         storage = storage_url(self.config.hydra.sweeper, self.config.hydra.sweep.dir)
         os.makedirs(self.config.hydra.sweep.dir, exist_ok=True)
         study = self._join_study(storage)

@@ -7,7 +7,9 @@ anything."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -131,6 +133,46 @@ def check_output_paths(cfg: DictConfig, root: Path = REPO_ROOT) -> None:
                 )
 
 
+# Where the credentials of each kind of store go instead of its URI (the URI lands in params.yaml,
+# dvc.lock, reports, DVC's run-cache and MLflow params).
+CREDENTIAL_HOMES = {
+    "http": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    "postgresql": "PGPASSWORD or ~/.pgpass",
+    "mysql": "a MySQL option file (~/.my.cnf)",
+}
+SECRET_QUERY_KEYS = re.compile(r"pass|token|secret|key|auth|sig", re.IGNORECASE)
+USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+SECRET_QUERY_VALUE = re.compile(
+    r"([?&][^=&\s]*(?:pass|token|secret|key|auth|sig)[^=&\s]*=)[^&\s'\"]+", re.IGNORECASE
+)
+
+
+def masked(text: str) -> str:
+    """`text` with the user part of any URI in it (`//user:password@`) and the values of secret-
+    looking query parameters (`?token=...`) shown as `***`."""
+    return SECRET_QUERY_VALUE.sub(r"\1***", USERINFO.sub("***@", text))
+
+
+def refuse_credentials(key: str, uri: str | None) -> None:
+    """A ConfigError (never repeating the secret) when `uri` carries credentials: a password, a
+    user name or token before `@` of a web URI, or a query parameter that looks secret."""
+    if not uri or "://" not in uri:
+        return
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    family = "http" if scheme in ("http", "https") else scheme
+    secret_query = [k for k, _ in parse_qsl(parts.query) if SECRET_QUERY_KEYS.search(k)]
+    if parts.password is None and not secret_query and not (family == "http" and parts.username):
+        return  # a database user name alone is no secret
+    home = CREDENTIAL_HOMES.get(family, "the environment variables or files the store's client reads")
+    raise ConfigError(
+        f"{key} carries credentials ({masked(uri).split('?')[0]}): they would be written to "
+        f"params.yaml, dvc.lock, reports and MLflow. Give the URI without them and put them in {home}"
+    )
+
+
 def _check_model(cfg: DictConfig) -> None:
     size = cfg.dataset.image_size
     if is_pretrained(cfg):
@@ -193,4 +235,5 @@ def validate(cfg: DictConfig) -> DictConfig:
         )
     _check_model(cfg)
     check_output_paths(cfg)
+    refuse_credentials("tracking.uri", cfg.tracking.uri)
     return cfg

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.config.checks import validate
+from src.config.checks import masked, validate
 from src.config.paths import CONF_DIR, PARAMS_FILE, resolve_input
 from src.config.schema import register as register_schema
 from src.errors import ConfigError
@@ -88,7 +88,7 @@ def config_error(err: BaseException, overrides: Sequence[str]) -> ConfigError:
     that did not fit its type, or Hydra's message (unknown group or preset)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    given = f"overrides: {' '.join(overrides) or 'none'}"
+    given = f"overrides: {masked(' '.join(overrides)) or 'none'}"
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, ConfigError):  # a check that failed while resolving
@@ -96,13 +96,13 @@ def config_error(err: BaseException, overrides: Sequence[str]) -> ConfigError:
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
             key = str(cause.full_key).split("[")[0]
             value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), "?")
-            reason = str(cause).splitlines()[0]
+            value, reason = masked(value), masked(str(cause).splitlines()[0])
             return ConfigError(
                 f"{key}={value} is not allowed: {reason} (its type is in src/config/schema.py; {given})"
             )
         cause = cause.__cause__ or cause.__context__
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    message = " ".join(lines).split(" Config search path:")[0] or type(err).__name__
+    message = masked(" ".join(lines).split(" Config search path:")[0]) or type(err).__name__
     return ConfigError(f"{message} ({given})")
 
 

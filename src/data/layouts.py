@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from src.data.labels_csv import read_labels_csv
-from src.data.scan import SPLIT_ALIASES, Scan
+from src.data.scan import SPLIT_ALIASES, Scan, shown_name
 from src.errors import StageError
 from src.images.decode import is_image, natural_key
 from src.images.files import list_folder, walk_files
@@ -47,13 +47,15 @@ def _scan_class_dirs(
     scan: Scan,
     name: Callable[[str], str] = str,
 ) -> None:
-    """Add the images of each class folder (named `name(folder name)`); note those without any.
-    `above`: real paths of the folders the class folders lie in."""
+    """Add the images of each class folder (named `name(folder name)`, bytes that are not UTF-8
+    escaped: `shown_name`); note those without any. `above`: real paths of the folders the class
+    folders lie in."""
     for class_dir in class_dirs:
         images = _images_below(class_dir, above)
         if not images:
             scan.empty_folders.append(class_dir)
-        scan.found[split] += [(name(class_dir.name), p) for p in images]
+        label = shown_name(name(class_dir.name))
+        scan.found[split] += [(label, p) for p in images]
 
 
 def gtsrb_class(name: str) -> str:

@@ -35,6 +35,14 @@ class Scan:
     empty_folders: list[Path] = field(default_factory=list)
 
 
+def shown_name(path: Path | str) -> str:
+    """`path` as text that can be written anywhere (CSV, JSON, logs): a name that is not valid
+    UTF-8 (held by Python with surrogate escapes) shows its bytes escaped, `caf\\xe9.jpg`;
+    any other path is unchanged."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def shown_path(path: Path, root: Path) -> str:
-    """`path` relative to the source `root` when it lies below it, else as it is."""
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    """`path` relative to the source `root` when it lies below it, else as it is (`shown_name`:
+    bytes that are not UTF-8 escaped)."""
+    return shown_name(path.relative_to(root) if path.is_relative_to(root) else path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -42,11 +43,13 @@ log = logging.getLogger(__name__)
 def fingerprint(root: Path, db: Path) -> tuple[int, str]:
     """(file count, sha256 over every file's relative path and content digest). Files are found
     by `walk_files`, as `prepare` finds them: symlinks followed, hidden names left out. Content
-    digests are remembered in `db` (`src.hashing`), so an unchanged tree is not read again."""
+    digests are remembered in `db` (`src.hashing`), so an unchanged tree is not read again. A
+    name that is not valid UTF-8 enters as its bytes on disk (`os.fsencode`: for any other name
+    the same bytes as its UTF-8)."""
     files = sorted(walk_files(root))
     digest = hashlib.sha256()
     for path, content in zip(files, hashing.digests(files, db)):
-        digest.update(f"{path.relative_to(root).as_posix()}|{content}\n".encode())
+        digest.update(os.fsencode(path.relative_to(root).as_posix()) + f"|{content}\n".encode())
     return len(files), digest.hexdigest()
 
 

@@ -34,7 +34,7 @@ from src.data.layouts import scan_source
 from src.data.leakage import find_leakage
 from src.data.memory import check_disk, decode_workers
 from src.data.report import Report, report_leakage, report_missing, report_scan
-from src.data.scan import SPLITS, Item, shown_path
+from src.data.scan import SPLITS, Item, shown_name, shown_path
 from src.data.splits import assign_splits, limit_per_class
 from src.errors import StageError
 from src.images.decode import DEFAULT_MAX_PIXELS
@@ -86,8 +86,8 @@ def _decode_all(splits: dict[str, list[Item]], ds: DictConfig, out_dir: Path, re
     for s in SPLITS:
         for (_, path), reason in zip(splits[s], decoded[s].reasons):
             if reason is not None:
-                report.skipped.append({"split": s, "path": str(path), "reason": reason})
-                log.warning("skipped image %s (%s)", path, reason)
+                report.skipped.append({"split": s, "path": shown_name(path), "reason": reason})
+                log.warning("skipped image %s (%s)", shown_name(path), reason)
     pd.DataFrame(report.skipped, columns=["split", "path", "reason"]).to_csv(
         out_dir / "skipped.csv", index=False
     )
