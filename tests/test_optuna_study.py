@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from src.config.paths import REPO_ROOT
 from src.tracking import sweep
-from tests.conftest import SHARED, local_postgres, path_overrides, require_shared
+from tests.conftest import SHARED, free_port, local_postgres, path_overrides, require_shared
 from tests.test_sweep import children
 
 pytestmark = pytest.mark.slow
@@ -104,3 +104,18 @@ def test_a_losing_trial_is_pruned_inside_the_job_and_recorded_as_pruned(tmp_path
     for run in runs:  # the epoch it ran is in MLflow, and nothing after it
         assert [m.step for m in client.get_metric_history(run.info.run_id, "head.val_accuracy")] == [1]
         assert "test.accuracy" not in run.data.metrics
+
+
+def test_an_unreachable_storage_ends_the_sweep_and_its_parent_run_failed(tmp_path):
+    """Nothing listens on the storage's port: the sweep stops before any job, and its MLflow
+    parent run is FAILED with the reason, not RUNNING for good."""
+    require_shared()
+    unreachable = [f"hydra.sweeper.storage=postgresql://optuna@127.0.0.1:{free_port()}/optuna"]
+    command = sweep_command(tmp_path, "offline", *unreachable)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    parent = sweep.parent_of(tmp_path / "offline")
+    assert parent is not None
+    run = MlflowClient(parent["tracking_uri"]).get_run(parent["run_id"])
+    assert run.info.status == "FAILED" and "OperationalError" in run.data.tags["error"]
+    assert not children(MlflowClient(parent["tracking_uri"]), parent)

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -131,7 +132,13 @@ class OptunaStudySweeper(Sweeper):
         refuse_credentials("hydra.sweeper.storage", self.config.hydra.sweeper.get("storage"))
         storage = storage_url(self.config.hydra.sweeper, self.config.hydra.sweep.dir)
         os.makedirs(self.config.hydra.sweep.dir, exist_ok=True)
-        study = self._join_study(storage)
+        try:
+            study = self._join_study(storage)
+        except Exception as err:
+            from src.tracking.sweep import fail_sweep
+
+            fail_sweep(Path(self.config.hydra.sweep.dir), err)
+            raise
         log.info("study %s in %s: %d trials of %s", self.study_name, storage.split("@")[-1], self.n_trials,
                  ", ".join(space))  # fmt: skip
         done = 0

@@ -78,6 +78,17 @@ def mark_failed(parent: dict, run_id: str, err: BaseException) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
+def fail_sweep(sweep_dir: Path, err: BaseException) -> None:
+    """The sweep stopped before its jobs could run (e.g. its Optuna storage is unreachable): its
+    parent run, if one was started, ends FAILED with the reason, not RUNNING for good."""
+    parent = parent_of(sweep_dir)
+    if parent is None:
+        return
+    client = _client(parent["tracking_uri"])
+    client.set_tag(parent["run_id"], "error", f"{type(err).__name__}: {err}"[:4000])
+    client.set_terminated(parent["run_id"], "FAILED")
+
+
 def mark_pruned(parent: dict, run_id: str, reason: str) -> None:
     """Record a job its Optuna pruner stopped: status KILLED, tag `optuna.state` PRUNED."""
     client = _client(parent["tracking_uri"])
@@ -173,6 +184,10 @@ class SweepCallback(Callback):
         if not config.tracking.enabled:
             return
         import mlflow
+
+        from src.config.checks import refuse_credentials
+
+        refuse_credentials("tracking.uri", config.tracking.uri)  # before the overrides become tags
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
