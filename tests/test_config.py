@@ -196,3 +196,14 @@ def test_an_optuna_storage_with_a_password_stops_the_sweep_before_any_job(tmp_pa
         and "PGPASSWORD" in output
     )
     assert "s3cr3t" not in output and not list((tmp_path / "sweep").glob("*/.hydra"))  # no job ran
+
+
+def test_a_multirun_with_credentials_in_the_tracking_uri_starts_no_parent_run(tmp_path):
+    command = [
+        "-m", "src.train", "-m", "experiment=ci", "finetune.layers=0,2",
+        "tracking.uri=http://me:s3cr3t-TOKEN@127.0.0.1:9", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]  # fmt: skip
+    proc = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "tracking.uri carries credentials" in output
+    assert "s3cr3t" not in output and not (tmp_path / "sweep" / "0").exists()

@@ -186,8 +186,13 @@ class SweepCallback(Callback):
         import mlflow
 
         from src.config.checks import refuse_credentials
+        from src.errors import ConfigError
 
-        refuse_credentials("tracking.uri", config.tracking.uri)  # before the overrides become tags
+        try:  # before the overrides become tags of the parent run
+            refuse_credentials("tracking.uri", config.tracking.uri)
+        except ConfigError as err:  # Hydra turns a callback's exception into a warning: stop here
+            log.error("%s", err)
+            raise SystemExit(2) from None
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
