@@ -70,8 +70,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_postgres() -> Iterator[str]:
-    """A real PostgreSQL (`src.tracking.server`) on a free loopback port for the block; yields its
-    URI. Skips the test when the server binaries or the driver are missing."""
+    """A real PostgreSQL (`src.tracking.server`: password logins only) on a free loopback port for
+    the block, with PGPASSFILE pointing at its passwords; yields its URI (no password in it).
+    Skips the test when the server binaries or the driver are missing."""
     from src.tracking import server
 
     if server.postgres_bindir() is None:
@@ -79,8 +80,16 @@ def local_postgres() -> Iterator[str]:
     pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[server]'")
     data = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "data"
     data.parent.chmod(0o755)  # reachable by the postgres user when the tests run as root
+    before = os.environ.get("PGPASSFILE")
     try:
-        yield server.start_postgres(data, free_port())
+        uri = server.start_postgres(data, free_port())
+        # its clients (this process, the mlflow server, sweep workers) read the passwords from here
+        os.environ["PGPASSFILE"] = str(server.password_file(data))
+        yield uri
     finally:
+        if before is None:
+            os.environ.pop("PGPASSFILE", None)
+        else:
+            os.environ["PGPASSFILE"] = before
         server.stop_postgres(data)
         shutil.rmtree(data.parent, ignore_errors=True)

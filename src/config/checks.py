@@ -155,22 +155,28 @@ def masked(text: str) -> str:
     return SECRET_QUERY_VALUE.sub(r"\1***", USERINFO.sub("***@", text))
 
 
-def refuse_credentials(key: str, uri: str | None) -> None:
-    """A ConfigError (never repeating the secret) when `uri` carries credentials: a password, a
-    user name or token before `@` of a web URI, or a query parameter that looks secret."""
+def credentials_problem(key: str, uri: str | None) -> str | None:
+    """What is wrong when `uri` carries credentials (a password, a user name or token before `@`
+    of a web URI, a query parameter that looks secret), never repeating them; None otherwise."""
     if not uri or "://" not in uri:
-        return
+        return None
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+")[0]
     family = "http" if scheme in ("http", "https") else scheme
     secret_query = [k for k, _ in parse_qsl(parts.query) if SECRET_QUERY_KEYS.search(k)]
     if parts.password is None and not secret_query and not (family == "http" and parts.username):
-        return  # a database user name alone is no secret
+        return None  # a database user name alone is no secret
     home = CREDENTIAL_HOMES.get(family, "the environment variables or files the store's client reads")
-    raise ConfigError(
+    return (
         f"{key} carries credentials ({masked(uri).split('?')[0]}): they would be written to "
         f"params.yaml, dvc.lock, reports and MLflow. Give the URI without them and put them in {home}"
     )
+
+
+def refuse_credentials(key: str, uri: str | None) -> None:
+    """A ConfigError when `uri` carries credentials (see `credentials_problem`)."""
+    if problem := credentials_problem(key, uri):
+        raise ConfigError(problem)
 
 
 def _check_model(cfg: DictConfig) -> None:

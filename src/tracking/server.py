@@ -3,14 +3,18 @@ by the server (`--artifacts-destination`: a local folder by default, `s3://bucke
 S3-compatible store), so clients need neither database credentials nor storage access.
 
     # against an existing PostgreSQL database
-    python -m src.tracking.server --backend-store-uri postgresql://mlflow:PASSWORD@db:5432/mlflow \\
+    PGPASSWORD=... python -m src.tracking.server --backend-store-uri postgresql://mlflow@db:5432/mlflow \\
         --artifacts-destination s3://team-bucket/mlflow --host 0.0.0.0 --port 5000
     # or start a PostgreSQL of its own in a folder (its binaries must be installed; see README)
     python -m src.tracking.server --postgres-dir /srv/mlflow/pg --artifacts-destination /srv/mlflow/artifacts
 
 Clients then run `python -m src.train tracking=server tracking.uri=http://HOST:5000` (or
-`dvc repro` with that in params.yaml). The PostgreSQL started here trusts local connections
-and listens on loopback only; a database other machines reach needs its own users and passwords.
+`dvc repro` with that in params.yaml). The PostgreSQL started here listens on loopback only and
+asks every login for a password (scram-sha-256): its superuser `pgadmin` and the role `mlflow`,
+which owns the MLflow database and is no superuser (it cannot run programs on the server), get
+generated passwords, kept in `<postgres-dir>.pgpass` (PostgreSQL's password-file format, mode
+0600) and handed to clients through PGPASSFILE, never on a command line or in a URI. SIGTERM
+stops the MLflow server and then PostgreSQL.
 """
 
 from __future__ import annotations
@@ -20,15 +24,19 @@ import contextlib
 import glob
 import os
 import pwd
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 DB_USER = DB_NAME = "mlflow"
+ADMIN_USER = "pgadmin"  # the cluster's superuser: used to create the MLflow role and database only
 SERVICE_USER = "postgres"  # PostgreSQL will not run as root: as root, it runs as this user
 
 
@@ -56,16 +64,53 @@ def _as_service_user() -> list[str]:
     return ["runuser", "-u", SERVICE_USER, "--"]
 
 
-def _run(command: list[str], what: str) -> None:
-    done = subprocess.run(command, capture_output=True, text=True)
+def _run(command: list[str], what: str, env: dict[str, str] | None = None, stdin: str | None = None) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, env=env, input=stdin)
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip()[-2000:]
         raise ServerError(f"{what} failed ({done.returncode}): {said}")
 
 
+def password_file(data_dir: Path) -> Path:
+    """Where the passwords of a cluster started by `start_postgres` are kept: beside its folder,
+    `<data_dir>.pgpass`, readable by its owner only."""
+    data_dir = data_dir.resolve()
+    return data_dir.with_name(f"{data_dir.name}.pgpass")
+
+
+def client_env(data_dir: Path) -> dict[str, str]:
+    """The environment a client of the cluster in `data_dir` needs: PGPASSFILE set."""
+    return {**os.environ, "PGPASSFILE": str(password_file(data_dir))}
+
+
+def _write_private(path: Path, text: str) -> None:
+    """`text` into `path`, created readable and writable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _initdb(bindir: Path, data_dir: Path, prefix: list[str], admin_password: str) -> None:
+    """A cluster whose every login needs a password; its superuser's password from a temp file
+    the service user alone reads, removed at once."""
+    fd, name = tempfile.mkstemp(prefix="pwfile-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(admin_password + "\n")
+        if prefix:  # initdb runs as the service user: the file must be its own
+            entry = pwd.getpwnam(SERVICE_USER)
+            os.chown(name, entry.pw_uid, entry.pw_gid)
+        _run([*prefix, str(bindir / "initdb"), "-D", str(data_dir), "-U", ADMIN_USER, "--auth=scram-sha-256",
+              f"--pwfile={name}", "--encoding=UTF8", "--no-instructions"], "initdb")  # fmt: skip
+    finally:
+        os.unlink(name)
+
+
 def start_postgres(data_dir: Path, port: int, bindir: Path | None = None) -> str:
     """Create (first time) and start a PostgreSQL cluster in `data_dir` listening on 127.0.0.1:`port`,
-    with a database and user `mlflow`; return its SQLAlchemy URI."""
+    with password logins only, a superuser `pgadmin`, and a database owned by the role `mlflow`
+    (no superuser); return the SQLAlchemy URI, without password: clients read it from
+    `password_file(data_dir)` through PGPASSFILE (`client_env`)."""
     bindir = bindir or postgres_bindir()
     if bindir is None:
         raise ServerError(
@@ -74,20 +119,35 @@ def start_postgres(data_dir: Path, port: int, bindir: Path | None = None) -> str
         )
     prefix = _as_service_user()
     data_dir = data_dir.resolve()
+    passwords = password_file(data_dir)
     fresh = not (data_dir / "PG_VERSION").is_file()
+    if not fresh and not passwords.is_file():
+        raise ServerError(
+            f"{data_dir} holds a cluster without its password file {passwords} (made by an older "
+            "version, with trust logins): dump its database, remove the folder and start afresh"
+        )
     if fresh:
         data_dir.mkdir(parents=True, exist_ok=True)
         if prefix:  # the service user owns the cluster
             entry = pwd.getpwnam(SERVICE_USER)
             os.chown(data_dir, entry.pw_uid, entry.pw_gid)
-        _run([*prefix, str(bindir / "initdb"), "-D", str(data_dir), "-U", DB_USER, "--auth=trust",
-              "--encoding=UTF8", "--no-instructions"], "initdb")  # fmt: skip
+        admin, mlflow = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        _write_private(passwords, f"127.0.0.1:*:*:{ADMIN_USER}:{admin}\n127.0.0.1:*:*:{DB_USER}:{mlflow}\n")
+        _initdb(bindir, data_dir, prefix, admin)
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={data_dir}"
     _run([*prefix, str(bindir / "pg_ctl"), "-D", str(data_dir), "-o", options,
           "-l", str(data_dir / "server.log"), "-w", "-t", "60", "start"], "pg_ctl start")  # fmt: skip
     if fresh:
-        _run([*prefix, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, DB_NAME],
-             "createdb")  # fmt: skip
+        mlflow = passwords.read_text().splitlines()[1].rsplit(":", 1)[1]
+        psql = bindir / "psql" if (bindir / "psql").is_file() else Path(shutil.which("psql") or "psql")
+        sql = (  # read from stdin: no password on a command line
+            f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{mlflow}' NOSUPERUSER NOCREATEDB NOCREATEROLE;\n"
+            f"CREATE DATABASE {DB_NAME} OWNER {DB_USER};\n"
+            f"REVOKE ALL ON DATABASE {DB_NAME} FROM PUBLIC;\n"
+        )
+        _run([str(psql), "-h", "127.0.0.1", "-p", str(port), "-U", ADMIN_USER, "-d", "postgres", "-w",
+              "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"], "creating the mlflow role and database",
+             env=client_env(data_dir), stdin=sql)  # fmt: skip
     return f"postgresql://{DB_USER}@127.0.0.1:{port}/{DB_NAME}"
 
 
@@ -151,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--backend-store-uri", help="postgresql://user:password@host:port/database")
+    where.add_argument(
+        "--backend-store-uri", help="postgresql://user@host:port/database (password: PGPASSWORD)"
+    )
     where.add_argument("--postgres-dir", type=Path, help="start a local PostgreSQL with its data here")
     parser.add_argument("--postgres-port", type=int, default=5432)
     parser.add_argument("--artifacts-destination", default="mlartifacts",
@@ -161,22 +223,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     backend = args.backend_store_uri
+    env = dict(os.environ)
+    process = None
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # so that the cleanup below runs
     try:
         if args.postgres_dir is not None:
             backend = start_postgres(args.postgres_dir, args.postgres_port)
+            env = client_env(args.postgres_dir)
             print(f"PostgreSQL in {args.postgres_dir} at {backend}", flush=True)
         command = server_command(backend, args.artifacts_destination, args.host, args.port, args.workers)
         print(f"MLflow server on http://{args.host}:{args.port}", flush=True)
-        return subprocess.call(command)
+        process = subprocess.Popen(command, env=env)
+        return process.wait()
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         return 0
     finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         if args.postgres_dir is not None:
             with contextlib.suppress(ServerError):
                 stop_postgres(args.postgres_dir)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -185,14 +185,13 @@ class SweepCallback(Callback):
             return
         import mlflow
 
-        from src.config.checks import refuse_credentials
-        from src.errors import ConfigError
+        from src.config.checks import credentials_problem
 
-        try:  # before the overrides become tags of the parent run
-            refuse_credentials("tracking.uri", config.tracking.uri)
-        except ConfigError as err:  # Hydra turns a callback's exception into a warning: stop here
-            log.error("%s", err)
-            raise SystemExit(2) from None
+        # before the overrides become tags of the parent run; Hydra turns a callback's exception
+        # into a warning, so stop here
+        if problem := credentials_problem("tracking.uri", config.tracking.uri):
+            log.error("%s", problem)
+            raise SystemExit(2)
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
