@@ -216,27 +216,33 @@ def run(cfg: DictConfig) -> dict:
         flat.update({f"time.{name}_seconds": seconds for name, seconds in timings.items()})
         prepared = arrays.prepared_dir(cfg)
         info = json.loads((prepared / "info.json").read_text())
-        result["mlflow"] = pipeline_run.log_pipeline_run(
-            cfg,
-            model=final_model,
-            classes=classes,
-            metrics=flat,
-            histories=histories,
-            artifacts=[
-                figures,
-                reports / "metrics.json",
-                reports / "timings.json",
-                reports / "classification_report.csv",
-                prepared / "classes.json",
-                prepared / "counts.csv",
-                prepared / "skipped.csv",
-                prepared / "report.json",
-                prepared / "leakage.csv",
-                temperature_file,
-            ],
-            fingerprint=info["fingerprint"],
-            image_size=cfg.dataset.image_size,
-        )
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            result["mlflow"] = pipeline_run.log_pipeline_run(
+                cfg,
+                model=final_model,
+                classes=classes,
+                metrics=flat,
+                histories=histories,
+                artifacts=[
+                    figures,
+                    reports / "metrics.json",
+                    reports / "timings.json",
+                    reports / "classification_report.csv",
+                    prepared / "classes.json",
+                    prepared / "counts.csv",
+                    prepared / "skipped.csv",
+                    prepared / "report.json",
+                    prepared / "leakage.csv",
+                    temperature_file,
+                ],
+                fingerprint=info["fingerprint"],
+                image_size=cfg.dataset.image_size,
+            )
+        except (MlflowException, SQLAlchemyError) as err:  # one line naming the store, no traceback
+            raise store.store_error(cfg, err, "while logging the run") from None
     return result
 
 

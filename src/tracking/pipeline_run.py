@@ -155,7 +155,7 @@ def log_pipeline_run(
     from src.serving import loading, pyfunc_model
     from src.tracking import live_metrics
 
-    experiment_id = store.use_store(cfg)
+    experiment_id = store.reach_store(cfg)  # tried again while it is locked; else one line
     tags = {
         "git_commit": git_commit(),
         FINGERPRINT_TAG: fingerprint,

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -17,8 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config.paths import project_root
 from src.config.schema import RUN_NODE
+from src.errors import StageError
 
+log = logging.getLogger(__name__)
 STORE_DIR = project_root() / "mlruns"
+USERINFO = re.compile(r"(?<=://)[^/@\s]+@")  # shown as *** in messages
 # Key characters every MLflow store takes: letters, digits, `_ - . /` (not all take spaces or colons).
 UNSAFE_KEY_CHARS = re.compile(r"[^\w./-]")
 MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param keys
@@ -47,6 +52,42 @@ def use_store(cfg: DictConfig) -> str:
             location = (STORE_DIR / "artifacts").as_uri()
         mlflow.create_experiment(name, artifact_location=location)
     return mlflow.set_experiment(name).experiment_id
+
+
+class StoreError(StageError):
+    """The MLflow store could not be used: one line naming it, instead of a driver's traceback."""
+
+
+STORE_TRIES = 4  # the first try and three more, 1, 2 and 4 s apart (a store locked for a moment)
+
+
+def reach_store(cfg: DictConfig, tries: int | None = None) -> str:
+    """`use_store`, tried again with growing pauses while the store refuses (locked, restarting);
+    a StoreError naming the store (credentials masked) when it never answers."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    tries = tries or STORE_TRIES
+    for attempt in range(tries):
+        try:
+            return use_store(cfg)
+        except (MlflowException, SQLAlchemyError, OSError) as err:
+            if attempt == tries - 1:
+                raise store_error(cfg, err, f"after {tries} tries") from None
+            log.warning("MLflow store not ready (%s); trying again", type(err).__name__)
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def store_error(cfg: DictConfig, err: BaseException, when: str = "") -> StoreError:
+    """One line for a failure of the MLflow store: which store, what it said, what to check."""
+    uri = USERINFO.sub("***@", tracking_uri(cfg))
+    said = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return StoreError(
+        f"the MLflow store {uri} failed{' ' + when if when else ''} ({type(err).__name__}: {said[:300]}): "
+        "check that no other process holds it locked and that it is an MLflow store, or point "
+        "tracking.uri (or MLFLOW_TRACKING_URI) at another one"
+    )
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
