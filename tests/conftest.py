@@ -93,3 +93,14 @@ def local_postgres() -> Iterator[str]:
             os.environ["PGPASSFILE"] = before
         server.stop_postgres(data)
         shutil.rmtree(data.parent, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """Stages set Keras' global precision policy (mixed_bfloat16 where the CPU has it): put it
+    back after each test, so that no test sees the policy an earlier one left."""
+    yield
+    import sys
+
+    if "keras" in sys.modules:
+        sys.modules["keras"].mixed_precision.set_global_policy("float32")

@@ -1,11 +1,14 @@
 """`mlflow models serve` on the registered champion: a tiny classifier fitted on real cats and
-dogs, logged and registered as a pipeline run is, served by a real server process on a free
-loopback port, and real photos posted to /invocations."""
+dogs, logged and registered as a pipeline run is, served by real server processes on free
+loopback ports (one without and one with IMAGE_CLASSIFIER_ALLOWED_DIRS), and real photos posted
+to /invocations as base64-encoded bytes, pixels and paths."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,12 +51,12 @@ def fitted_model() -> tuple[object, float]:
     return model, float(accuracy)
 
 
-def request(url: str, payload: dict | None = None) -> tuple[int, dict | str]:
+def request(url: str, payload: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
     """(HTTP status, JSON body or text) of a GET, or of a POST of `payload` as JSON."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as response:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
             status, body = response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         status, body = err.code, err.read().decode()
@@ -99,6 +102,34 @@ def check_predictions(predictions: list[dict]) -> np.ndarray:
     return probs
 
 
+def serve(cfg, folder: Path, **env: str) -> tuple[str, subprocess.Popen, Path]:
+    """(base URL, process, log) of `mlflow models serve` on the champion, with `env` added, run
+    in `folder` (in its own process group: `stop` ends it and its workers)."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion"]
+    command += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    environ = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": cfg.tracking.uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **env,
+    }
+    if "IMAGE_CLASSIFIER_ALLOWED_DIRS" not in env:  # the operator's choice, not the test runner's
+        environ.pop("IMAGE_CLASSIFIER_ALLOWED_DIRS", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            command, cwd=folder, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return f"http://127.0.0.1:{port}", server, log
+
+
+def paths_payload(*paths: Path) -> dict:
+    return {"dataframe_records": [{"path": str(p)} for p in paths]}
+
+
 def test_serve_the_champion_and_classify_a_cat_and_a_dog(tmp_path):
     require_shared()
     cfg = registry_cfg(tmp_path)
@@ -106,34 +137,65 @@ def test_serve_the_champion_and_classify_a_cat_and_a_dog(tmp_path):
     logged = log_run(cfg, tmp_path / "run", accuracy=accuracy, model=model)
     assert logged["alias"] == "champion"
     cat, dog = (sorted((CATS_DOGS / "validation" / c).iterdir())[0] for c in CLASSES)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion"]
-    command += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": cfg.tracking.uri,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    log = tmp_path / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copyfile(cat, allowed / "0.jpg")
+    shutil.copyfile(dog, allowed / "1.jpg")
+    os.mkfifo(allowed / "2.jpg")
+    servers = [
+        serve(cfg, tmp_path / "closed"),
+        serve(cfg, tmp_path / "open", IMAGE_CLASSIFIER_ALLOWED_DIRS=str(allowed)),
+    ]
     try:
-        wait_for_ping(base, server, log)
+        for base, server, log in servers:
+            wait_for_ping(base, server, log)
+        (closed, *_), (opened, *_) = servers
+        # base64-encoded bytes: the same classes and probabilities as the model gives the files
+        encoded = [base64.b64encode(p.read_bytes()).decode() for p in (cat, dog)]
         status, body = request(
-            f"{base}/invocations", {"dataframe_records": [{"path": str(cat)}, {"path": str(dog)}]}
+            f"{closed}/invocations", {"dataframe_records": [{"image": e} for e in encoded]}
         )
         assert status == 200, body
-        by_path = check_predictions(body["predictions"])
-        _, images, _ = loading.read_images([cat, dog], SIZE)
-        status, body = request(f"{base}/invocations", {"inputs": images.tolist()})
+        by_base64 = check_predictions(body["predictions"])
+        status, body = request(f"{closed}/invocations", {"inputs": {"image": encoded}})
         assert status == 200, body
-        np.testing.assert_allclose(check_predictions(body["predictions"]), by_path, rtol=1e-5)
-        missing = tmp_path / "missing.jpg"
-        status, body = request(f"{base}/invocations", {"dataframe_records": [{"path": str(missing)}]})
-        assert status == 400 and str(missing) in body["message"]
+        np.testing.assert_allclose(check_predictions(body["predictions"]), by_base64, rtol=1e-5)
+        _, images, _ = loading.read_images([cat, dog], SIZE)
+        np.testing.assert_allclose(
+            loading.class_probabilities(model, images), by_base64, rtol=1e-5, atol=1e-6
+        )
+        # pixels still work
+        status, body = request(f"{closed}/invocations", {"inputs": images.tolist()})
+        assert status == 200, body
+        np.testing.assert_allclose(check_predictions(body["predictions"]), by_base64, rtol=1e-5)
+        status, body = request(
+            f"{closed}/invocations", {"dataframe_records": [{"image": encoded[0]}, {"image": "%%"}]}
+        )
+        assert status == 400 and "image 1: not base64-encoded image bytes" in body["message"]
+        # no allow-list: every path refused, the same answer whether the file exists or not
+        answers = []
+        for path in (allowed / "0.jpg", allowed / "9.jpg", allowed / "2.jpg"):
+            status, body = request(f"{closed}/invocations", paths_payload(path), timeout=20)
+            assert status == 400 and "path inputs are not allowed for" in body["message"], body
+            answers.append(json.dumps(body).replace(str(path), "<path>"))
+        assert len(set(answers)) == 1, answers
+        # allowed folder: its files are read, all else refused alike, a FIFO at once
+        status, body = request(f"{opened}/invocations", paths_payload(allowed / "0.jpg", allowed / "1.jpg"))
+        assert status == 200, body
+        np.testing.assert_allclose(check_predictions(body["predictions"]), by_base64, rtol=1e-5)
+        outside = []
+        for path in (cat, tmp_path / "run" / "missing.jpg"):
+            status, body = request(f"{opened}/invocations", paths_payload(path), timeout=20)
+            assert status == 400, body
+            outside.append(body["message"].split("Error: ")[-1])
+        assert outside == [
+            "path inputs are not allowed for " + str(p) + outside[0].split(str(cat))[1]
+            for p in (cat, tmp_path / "run" / "missing.jpg")
+        ]
+        started = time.monotonic()
+        status, body = request(f"{opened}/invocations", paths_payload(allowed / "2.jpg"), timeout=20)
+        assert status == 400 and "path inputs are not allowed for" in body["message"], body
+        assert time.monotonic() - started < 10
     finally:
-        stop(server)
+        for _, server, _ in servers:
+            stop(server)

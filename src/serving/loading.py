@@ -3,10 +3,15 @@ temperature, read images, and classify them."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import stat
 import zipfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
@@ -14,6 +19,7 @@ from src.evaluation.calibration import TEMPERATURE_FILE, apply_temperature, as_m
 from src.images.decode import IMAGE_SUFFIXES, load_rgb, natural_key
 from src.images.files import walk_files
 
+T = TypeVar("T")
 USAGE_HINT = "pass --model a .keras file saved by the pipeline (models/final.keras) or an MLflow model URI"
 
 
@@ -161,18 +167,51 @@ def load_model(spec: str | None) -> tuple[object, list[str]]:
     return _load_mlflow_model(spec)
 
 
+def decode_each(items: Sequence[T], decode: Callable[[T], np.ndarray]) -> list[np.ndarray | str]:
+    """`decode(item)` for each item, 4 at a time (PIL releases the GIL while decoding): the
+    image, or the reason (`<error type>: <message>`) it could not be decoded."""
+
+    def one(item: T) -> np.ndarray | str:
+        try:
+            return decode(item)
+        except Exception as err:  # any unreadable image is reported, never fatal
+            return f"{type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, items))
+
+
+def load_rgb_bytes(data: bytes, size: int) -> np.ndarray:
+    """An image file's bytes decoded as `load_rgb` decodes the file (same resizing, same pixel
+    cap, checked before any pixel is decoded)."""
+    return load_rgb(io.BytesIO(data), size)
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """`path` opened for reading when it is a regular file (after symlinks), an OSError
+    otherwise. Opened without blocking, so a FIFO or a device never hangs the caller, and
+    checked on the open descriptor, so the file cannot be swapped after the check."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def load_rgb_regular_file(path: str, size: int) -> np.ndarray:
+    """`load_rgb` of a regular file only (see `open_regular_file`)."""
+    with open_regular_file(path) as file:
+        return load_rgb(file, size)
+
+
 def read_images(files: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[tuple[Path, str]]]:
     """Decode each file on its own: (readable paths, their size x size x 3 uint8 images,
     (path, reason) for each file that could not be read)."""
-
-    def decode(path: Path) -> np.ndarray | str:
-        try:
-            return load_rgb(path, size)
-        except Exception as err:  # any unreadable file is reported, never fatal
-            return f"{type(err).__name__}: {err}"
-
-    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding
-        decoded = list(pool.map(decode, files))
+    decoded = decode_each(files, lambda path: load_rgb(path, size))
     good = [(path, array) for path, array in zip(files, decoded) if not isinstance(array, str)]
     bad = [(path, reason) for path, reason in zip(files, decoded) if isinstance(reason, str)]
     images = np.stack([a for _, a in good]) if good else np.zeros((0, size, size, 3), np.uint8)

@@ -2,12 +2,21 @@
 
     model = mlflow.pyfunc.load_model("models:/image-classifier@champion")
     model.predict(["cat.jpg", "dog.png"])              # paths, or a DataFrame with a `path` column
+    model.predict(pd.DataFrame({"image": [b64, ...]})) # image files' bytes, base64-encoded
     model.predict(images)                              # uint8 pixels, (N, size, size, 3)
 
 answers one row per image, in order: `class` (the name), `probability` (of that class) and
 `p_<class>` for every class, calibrated with the run's temperature when evaluate fitted one.
 `mlflow models serve` answers the same rows as JSON, e.g. for
-`{"dataframe_records": [{"path": "/data/cat.jpg"}]}` or `{"inputs": [<uint8 image>, ...]}`.
+`{"dataframe_records": [{"image": "<base64 of a JPEG>"}]}`, `{"inputs": {"image": [...]}}` or
+`{"inputs": [<uint8 image>, ...]}`. Encoded images are decoded and resized as `prepare` does
+(`src.images.decode.load_rgb`, same pixel cap), so a client never preprocesses.
+
+Paths are read in the process that runs the model: `load_model(...).predict(paths)` and
+`src.predict` read the paths they are given, but a served model (`mlflow models serve`, see
+`served`) refuses every path unless the operator allows folders with
+`IMAGE_CLASSIFIER_ALLOWED_DIRS` (`os.pathsep`-separated); then it reads only regular files whose
+real path lies inside one. A refused path gets the same answer whether it exists or not.
 
 The model folder holds the Keras network, `classes.json` and (when fitted) `temperature.json`,
 laid out as the pipeline's `models/` folder is, and read by the same `src.predict` helpers. Its
@@ -18,10 +27,16 @@ this module as the flavor (`save_model` below).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import os
 import posixpath
+import re
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +57,15 @@ CLASSES_FILE = "classes.json"
 PROBABILITY_PREFIX = "p_"  # per-class probability columns: p_cats, p_dogs, ...
 BATCH_SIZE = 32  # image files decoded and classified at a time
 SRC_DIR = Path(__file__).resolve().parents[1]  # logged with the model: the code it runs
+IMAGE_COLUMN = "image"  # base64-encoded image files (str), or their bytes (bytes, in Python)
+PATH_COLUMN = "path"
+ALLOWED_DIRS_ENV = "IMAGE_CLASSIFIER_ALLOWED_DIRS"  # folders a served model may read paths in
+MAX_IMAGE_BYTES = 20_000_000  # an encoded image's bytes, checked before base64-decoding them
+MAX_PIXEL_VALUES = 64_000_000  # uint8 values in a pixel-array input (about 425 images of 224 px)
+# Set by MLflow's scoring server (`mlflow models serve`, `mlflow models predict`) in its process.
+SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+SCORING_SERVER_APP = "mlflow.pyfunc.scoring_server.app"  # the module uvicorn runs to serve a model
+DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]*)*;base64,", re.ASCII)
 
 ImageInput = pd.DataFrame | np.ndarray | list | tuple
 
@@ -51,14 +75,61 @@ def _invalid(message: str) -> MlflowException:
     return MlflowException.invalid_parameter_value(message)
 
 
+def served() -> bool:
+    """Whether this process is MLflow's scoring server: uvicorn imported its app module to load
+    the model, and its `init` marked the process as serving (also `mlflow models predict`)."""
+    flag = os.environ.get(SERVING_ENV, "").strip().lower() in ("true", "1")
+    return flag or SCORING_SERVER_APP in sys.modules
+
+
+def allowed_dirs() -> list[str]:
+    """The real paths of the folders `IMAGE_CLASSIFIER_ALLOWED_DIRS` names (none: no path is read
+    by a served model)."""
+    folders = os.environ.get(ALLOWED_DIRS_ENV, "").split(os.pathsep)
+    return [os.path.realpath(folder) for folder in folders if folder.strip()]
+
+
+def path_refusal(path: str) -> str:
+    """The one answer to a path a served model will not read, whether it exists or not."""
+    return (
+        f"path inputs are not allowed for {path}: send the image's bytes base64-encoded (an "
+        f"`{IMAGE_COLUMN}` column), or have the operator allow its folder with {ALLOWED_DIRS_ENV}"
+    )
+
+
+def allowed_path(path: str, folders: list[str]) -> str | None:
+    """The real path of `path` when a served model may read it: a regular file (symlinks
+    resolved) inside one of `folders`; None otherwise. Nothing is opened."""
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, folder]) == folder for folder in folders):
+        return None
+    try:
+        return real if stat.S_ISREG(os.stat(real).st_mode) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _column(model_input: pd.DataFrame | dict, name: str) -> list | None:
+    if name not in model_input:
+        return None
+    values = model_input[name]
+    return list(values.tolist() if isinstance(values, (np.ndarray, pd.Series)) else np.ravel(values).tolist())
+
+
 def input_paths(model_input: ImageInput) -> list[str] | None:
     """The image file paths `model_input` holds (a DataFrame's `path` column, a list of str, a
-    1-D array of str), or None when it holds pixels."""
-    if isinstance(model_input, pd.DataFrame):
-        if "path" not in model_input.columns:
-            columns = list(model_input.columns)
-            raise _invalid(f"a DataFrame input needs a `path` column of image files, got columns {columns}")
-        return [str(p) for p in model_input["path"]]
+    1-D array of str), or None when it holds pixels or encoded images."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        if IMAGE_COLUMN in model_input:
+            return None
+        paths = _column(model_input, PATH_COLUMN)
+        if paths is None:
+            columns = list(model_input.keys())
+            raise _invalid(
+                f"a DataFrame input needs an `{IMAGE_COLUMN}` column of base64-encoded image files "
+                f"or a `{PATH_COLUMN}` column of image files, got columns {columns}"
+            )
+        return [str(p) for p in paths]
     if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "UO" and model_input.ndim == 1:
         model_input = model_input.tolist()
     if isinstance(model_input, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in model_input):
@@ -66,17 +137,76 @@ def input_paths(model_input: ImageInput) -> list[str] | None:
     return None
 
 
+def input_encoded(model_input: ImageInput) -> list | None:
+    """The encoded images of an `image` column (a DataFrame's, or a dict's as `{"inputs":
+    {"image": [...]}}` reaches the model), None when there is none."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        return _column(model_input, IMAGE_COLUMN)
+    return None
+
+
+def image_bytes(value: object, row: int) -> bytes:
+    """The image file bytes of row `row`: base64 text (a `data:...;base64,` prefix allowed) or,
+    in Python, bytes; an error naming the row when it is neither or over MAX_IMAGE_BYTES."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = DATA_URL.sub("", value.strip(), count=1)
+        # 4 characters per 3 bytes: refuse before decoding anything
+        if len(text) > 4 * math.ceil(MAX_IMAGE_BYTES / 3) + 4:
+            raise _invalid(f"image {row}: over {MAX_IMAGE_BYTES:,} bytes once decoded; send a smaller image")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise _invalid(f"image {row}: not base64-encoded image bytes ({err})") from None
+    else:
+        kind = type(value).__name__
+        raise _invalid(f"image {row}: expected base64-encoded image bytes (a string), got {kind}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _invalid(f"image {row}: {len(data):,} bytes, over {MAX_IMAGE_BYTES:,}; send a smaller image")
+    if not data:
+        raise _invalid(f"image {row}: empty")
+    return data
+
+
+def _nested_shape(value: object) -> list[int]:
+    """The shape of nested lists, read along their first elements (no conversion)."""
+    shape = []
+    while isinstance(value, (list, tuple)):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
+def _check_pixel_values(count: int, shape: object, size: int) -> None:
+    if count > MAX_PIXEL_VALUES:
+        raise _invalid(
+            f"a pixel-array input of {count:,} values (shape {shape}) is over {MAX_PIXEL_VALUES:,}; "
+            f"send fewer images per request, each (N, {size}, {size}, 3), or base64-encoded files"
+        )
+
+
 def input_images(model_input: ImageInput, size: int) -> np.ndarray:
     """`model_input` as a uint8 (N, size, size, 3) batch: uint8 pixels, or integers 0-255 (what
-    JSON numbers become)."""
+    JSON numbers become). An input of more than MAX_PIXEL_VALUES values is refused before any
+    conversion."""
+    if isinstance(model_input, np.ndarray):
+        _check_pixel_values(model_input.size, model_input.shape, size)
+    else:
+        shape = _nested_shape(model_input)
+        _check_pixel_values(math.prod(shape), tuple(shape), size)
     try:
         images = np.asarray(model_input)
     except ValueError as err:  # ragged nested lists
         raise _invalid(f"images must be an array (N, {size}, {size}, 3): {err}") from None
+    _check_pixel_values(images.size, images.shape, size)  # lists ragged past their first elements
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise _invalid(
             f"images must be uint8 pixels (N, {size}, {size}, 3), got shape {images.shape}; "
-            "or pass image file paths (a list of str or a DataFrame with a `path` column)"
+            f"or pass image files base64-encoded (a DataFrame with an `{IMAGE_COLUMN}` column) or "
+            f"paths (a list of str or a DataFrame with a `{PATH_COLUMN}` column)"
         )
     if images.dtype == np.uint8:
         return images
@@ -86,6 +216,14 @@ def input_images(model_input: ImageInput, size: int) -> np.ndarray:
         low, high = images.min(), images.max()
         raise _invalid(f"pixels must be integers from 0 to 255 (uint8), got values from {low} to {high}")
     return images.astype(np.uint8)
+
+
+def _stack(decoded: list[np.ndarray | str], names: list[str], size: int) -> np.ndarray:
+    """The decoded images stacked, or one error naming every one that could not be decoded."""
+    bad = [f"{name}: {reason}" for name, reason in zip(names, decoded) if isinstance(reason, str)]
+    if bad:
+        raise _invalid("cannot read " + "; ".join(bad))
+    return np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
 
 
 def prediction_frame(classes: list[str], probs: np.ndarray) -> pd.DataFrame:
@@ -126,8 +264,15 @@ class ImageClassifier(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """A row per image (see `prediction_frame`); an error naming each file that cannot be
+        """A row per image (see `prediction_frame`); an error naming each image that cannot be
         read, or saying what input is expected."""
+        encoded = input_encoded(model_input)
+        if encoded is not None:
+            return self._classify_batches(
+                [image_bytes(value, row) for row, value in enumerate(encoded)],
+                [f"image {row}" for row in range(len(encoded))],
+                lambda data: loading.load_rgb_bytes(data, self.size),
+            )
         paths = input_paths(model_input)
         if paths is None:
             images = input_images(model_input, self.size)
@@ -135,6 +280,8 @@ class ImageClassifier(PythonModel):
             if len(images):
                 probs = loading.class_probabilities(self.model, images, self.temperature)
             return prediction_frame(self.classes, probs)
+        if served():
+            return self._classify_served_paths(paths)
         skipped: list[tuple[Path, str]] = []
         rows = loading.predict(
             self.model,
@@ -147,6 +294,27 @@ class ImageClassifier(PythonModel):
         if skipped:
             raise _invalid("cannot read " + "; ".join(f"{path}: {reason}" for path, reason in skipped))
         return prediction_frame(self.classes, np.array([row["probabilities"] for row in rows]))
+
+    def _classify_served_paths(self, paths: list[str]) -> pd.DataFrame:
+        """Paths in a served model: only regular files inside IMAGE_CLASSIFIER_ALLOWED_DIRS."""
+        folders = allowed_dirs()
+        real = [allowed_path(path, folders) if folders else None for path in paths]
+        refused = [path_refusal(path) for path, ok in zip(paths, real) if ok is None]
+        if refused:
+            raise _invalid("; ".join(refused))
+        return self._classify_batches(
+            real, paths, lambda path: loading.load_rgb_regular_file(path, self.size)
+        )
+
+    def _classify_batches(self, items: list, names: list[str], decode) -> pd.DataFrame:
+        """Decode `items` (named `names` in errors) BATCH_SIZE at a time and classify them; every
+        item is checked before any is classified."""
+        probs = [np.zeros((0, len(self.classes)))]
+        for start in range(0, len(items), BATCH_SIZE):
+            batch = slice(start, start + BATCH_SIZE)
+            images = _stack(loading.decode_each(items[batch], decode), names[batch], self.size)
+            probs.append(loading.class_probabilities(self.model, images, self.temperature))
+        return prediction_frame(self.classes, np.concatenate(probs))
 
 
 def save_model(
