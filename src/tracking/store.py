@@ -17,13 +17,13 @@ from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.config.checks import masked
 from src.config.paths import project_root
 from src.config.schema import RUN_NODE
 from src.errors import StageError
 
 log = logging.getLogger(__name__)
 STORE_DIR = project_root() / "mlruns"
-USERINFO = re.compile(r"(?<=://)[^/@\s]+@")  # shown as *** in messages
 # Key characters every MLflow store takes: letters, digits, `_ - . /` (not all take spaces or colons).
 UNSAFE_KEY_CHARS = re.compile(r"[^\w./-]")
 MAX_KEY_LENGTH = 250  # MLflow's limit on metric and param keys
@@ -81,7 +81,7 @@ def reach_store(cfg: DictConfig, tries: int | None = None) -> str:
 
 def store_error(cfg: DictConfig, err: BaseException, when: str = "") -> StoreError:
     """One line for a failure of the MLflow store: which store, what it said, what to check."""
-    uri = USERINFO.sub("***@", tracking_uri(cfg))
+    uri = masked(tracking_uri(cfg))
     said = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return StoreError(
         f"the MLflow store {uri} failed{' ' + when if when else ''} ({type(err).__name__}: {said[:300]}): "
