@@ -127,7 +127,7 @@ def declared(name: str) -> tuple[set[str], set[str]]:
 def params_drift(name: str, stage: dict) -> str | None:
     listed = {p for p in stage.get("params", []) if isinstance(p, str) and not p.startswith("paths")}
     reads, logged = declared(name)
-    wanted = {k for k in reads - logged if not k.startswith("paths.")}
+    wanted = {k for k in reads - logged if k != "paths" and not k.startswith("paths.")}
     return difference(f"dvc.yaml stage {name!r} params:", listed, wanted, "its @stage.reads")
 
 

@@ -35,6 +35,7 @@ RESERVED = (
     ".git",
     ".dvc",
     ".ci",
+    ".pipeline",
     "mlruns",
     ".venv",
 )
@@ -139,6 +140,7 @@ CREDENTIAL_HOMES = {
     "http": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
     "postgresql": "PGPASSWORD or ~/.pgpass",
     "mysql": "a MySQL option file (~/.my.cnf)",
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile, AWS_PROFILE)",
 }
 SECRET_QUERY_KEYS = re.compile(r"pass|token|secret|key|auth|sig", re.IGNORECASE)
 USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
@@ -155,7 +157,12 @@ def masked(text: str) -> str:
     return SECRET_QUERY_VALUE.sub(r"\1***", USERINFO.sub("***@", text))
 
 
-def credentials_problem(key: str, uri: str | None) -> str | None:
+RECORDS = "params.yaml, dvc.lock, reports and MLflow"  # where a configured URI is written
+
+
+def credentials_problem(
+    key: str, uri: str | None, written_to: str = RECORDS, home: str | None = None
+) -> str | None:
     """What is wrong when `uri` carries credentials (a password, a user name or token before `@`
     of a web URI, a query parameter that looks secret), never repeating them; None otherwise."""
     if not uri or "://" not in uri:
@@ -166,17 +173,52 @@ def credentials_problem(key: str, uri: str | None) -> str | None:
     secret_query = [k for k, _ in parse_qsl(parts.query) if SECRET_QUERY_KEYS.search(k)]
     if parts.password is None and not secret_query and not (family == "http" and parts.username):
         return None  # a database user name alone is no secret
-    home = CREDENTIAL_HOMES.get(family, "the environment variables or files the store's client reads")
+    home = home or CREDENTIAL_HOMES.get(family, "the environment variables or files the store's client reads")
     return (
         f"{key} carries credentials ({masked(uri).split('?')[0]}): they would be written to "
-        f"params.yaml, dvc.lock, reports and MLflow. Give the URI without them and put them in {home}"
+        f"{written_to}. Give the URI without them and put them in {home}"
     )
 
 
-def refuse_credentials(key: str, uri: str | None) -> None:
+def refuse_credentials(key: str, uri: str | None, written_to: str = RECORDS, home: str | None = None) -> None:
     """A ConfigError when `uri` carries credentials (see `credentials_problem`)."""
-    if problem := credentials_problem(key, uri):
+    if problem := credentials_problem(key, uri, written_to, home):
         raise ConfigError(problem)
+
+
+DVC_CONFIG = REPO_ROOT / ".dvc" / "config"  # committed; .dvc/config.local beside it is not
+# Options of a DVC remote that hold credentials (S3, Azure, GCS, SSH, HTTP, WebDAV remotes).
+DVC_SECRET_OPTIONS = re.compile(
+    r"secret|password|token|key_id|credential|account_key|sas|connection_string|keyfile", re.IGNORECASE
+)
+DVC_REMOTE_SECTION = re.compile(r"""^\s*\[\s*['"]?remote\s+"(?P<name>[^"]+)"['"]?\s*\]""")
+
+
+def remote_credentials(config_file: Path = DVC_CONFIG) -> None:
+    """A ConfigError when a DVC remote in the committed `.dvc/config` carries credentials (a
+    secret option, or a URL or S3 endpoint with a password in it), naming the remote and the
+    option, never the value, and where they go instead: `.dvc/config.local` or AWS_*."""
+    if not config_file.is_file():
+        return
+    remote = None
+    for number, line in enumerate(config_file.read_text(errors="replace").splitlines(), 1):
+        if line.lstrip().startswith("["):
+            found = DVC_REMOTE_SECTION.match(line)
+            remote = found["name"] if found else None
+            continue
+        if remote is None or "=" not in line:
+            continue
+        option, value = (part.strip() for part in line.split("=", 1))
+        secret = bool(DVC_SECRET_OPTIONS.search(option))
+        in_uri = option in ("url", "endpointurl") and credentials_problem(option, value) is not None
+        if secret or in_uri:
+            raise ConfigError(
+                f"{config_file}:{number}: DVC remote {remote!r} has credentials in {option!r}, and this "
+                "file is committed with the repository. Keep them out of it: "
+                f"`dvc remote modify --local {remote} {option} ...` writes them to .dvc/config.local "
+                f"(never committed), or give S3 remotes {CREDENTIAL_HOMES['s3']}"
+                + ("; and the URL without them" if in_uri else "")
+            )
 
 
 def _check_model(cfg: DictConfig) -> None:

@@ -45,7 +45,7 @@ def scratch_dir(parent: Path, name: str = "scratch") -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _process_start(pid: int) -> float | None:
+def process_start(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch), None if it is not running."""
     try:
         os.kill(pid, 0)
@@ -80,7 +80,7 @@ def clean_stale(parent: Path) -> list[Path]:
         owner = entry.name.rsplit(TEMP_TAG, 1)[1].split("-", 1)[0]
         if not owner.isdigit():
             continue  # not named by `temp_name`
-        started = _process_start(int(owner))
+        started = process_start(int(owner))
         try:
             made = entry.lstat().st_mtime
         except FileNotFoundError:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.config.checks import validate
+from src.config.checks import remote_credentials, validate
 from src.config.compose import load_params
 from src.config.paths import resolve_path
 from src.config.schema import RUN_NODE, RUNTIME_KEYS
 from src.errors import ConfigError, StageError
-from src.outputs import folders
+from src.outputs import folders, running
 from src.outputs.atomic import write_json
 from src.outputs.folders import clean_stale
 
@@ -80,15 +80,34 @@ def summary_path(cfg: DictConfig, name: str) -> Path:
     return resolve_path(cfg.paths.reports) / f"{name}.json"
 
 
-def clean_outputs(cfg: DictConfig) -> None:
-    """Remove what killed runs left beside the outputs (see `clean_stale`)."""
+def clean_outputs(cfg: DictConfig) -> list[Path]:
+    """Remove what killed runs left beside the outputs (see `clean_stale`); returns what went."""
     from src.config.checks import OUTPUT_KEYS
 
     parents = {resolve_path(cfg.paths[key]).parent for key in OUTPUT_KEYS if key in cfg.paths}
     parents.add(resolve_path(cfg.paths.models))
     parents |= {resolve_path(cfg.paths.cache) / name for name in ("prepare", "extract")}
-    for folder in parents:
-        clean_stale(folder)
+    return [path for folder in sorted(parents) for path in clean_stale(folder)]
+
+
+def recover(cfg: DictConfig, marks: Path = running.RUNNING_DIR) -> dict:
+    """Finish what killed stage processes left (their marks, see `src.outputs.running`): their
+    MLflow runs ended as the stage would have ended them (`finish_crashed_runs`), their temp
+    folders removed, their marks cleared. Marks of stages still running are left alone."""
+    left = running.left_behind(marks)
+    runs = [run_id for _, entry in left for run_id in entry.get("runs", [])]
+    finished = {}
+    if runs and cfg.tracking.enabled:
+        from src.tracking import pipeline_run
+
+        finished = pipeline_run.finish_crashed_runs(cfg, runs)
+    removed = clean_outputs(cfg)
+    for path, _ in left:
+        path.unlink(missing_ok=True)
+    stages = [entry["stage"] for _, entry in left]
+    if stages:
+        log.info("finished what %d killed stage(s) left: %s", len(stages), ", ".join(stages))
+    return {"killed_stages": stages, "runs": finished, "removed": [str(p) for p in removed]}
 
 
 def timed_run(name: str, run: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
@@ -107,12 +126,20 @@ def timed_run(name: str, run: Callable[[DictConfig], dict], cfg: DictConfig) -> 
     return result
 
 
-def main(name: str, run: Callable[[DictConfig], dict]) -> None:
-    """Entry point of `python -m src.stages.<stage>`: exits 2 on a bad config, 1 on a stage error."""
+def main(name: str, run: Callable[[DictConfig], dict], summary: bool = True) -> None:
+    """Entry point of `python -m src.stages.<stage>`: finishes what killed stages left, then runs
+    the stage marked as running (`timed_run`, or `run` alone for a stage without a summary).
+    Exits 2 on a bad config, 1 on a stage error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = validate(load_params())
-        timed_run(name, run, cfg)
+        remote_credentials()  # before a stage's outputs can be pushed with them
+        if not summary:
+            run(cfg)
+            return
+        recover(cfg)
+        with running.marked(name):
+            timed_run(name, run, cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

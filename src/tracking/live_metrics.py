@@ -20,6 +20,7 @@ import time
 
 from omegaconf import DictConfig
 
+from src.outputs import running
 from src.tracking import store
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def open_run(cfg: DictConfig, phase: str) -> str:
             run_id = client.create_run(experiment_id, tags=tags).info.run_id
             client.set_tag(run_id, "mlflow.runName", store.run_name(cfg, run_id))
     client.set_tag(run_id, PHASE_TAG.format(phase), "true")
+    running.note_run(run_id)  # ended KILLED by the next run if this stage is killed
     return run_id
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.paths import REPO_ROOT
+from src.outputs import running
 from src.tracking import store
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,49 @@ def assign_alias(name: str, version: str | int, fingerprint: str, accuracy: floa
     return alias
 
 
+CRASH_TAG = "finished_after_crash"
+
+
+def finish_crashed_runs(cfg: DictConfig, run_ids: list[str]) -> dict[str, str]:
+    """Finish the MLflow runs of killed stage processes, as the stage would have: a run whose model
+    version was registered gets the version's alias (`assign_alias`, from the run's own test
+    accuracy and data fingerprint) and ends FINISHED; one that got no further ends KILLED. Runs
+    that have ended or are gone are left alone. Returns run id -> what was done."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    store.reach_store(cfg)
+    client = mlflow.MlflowClient()
+    name = cfg.tracking.registered_model
+    done = {}
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            done[run_id] = "not in this store"
+            continue
+        if run.info.status != "RUNNING":
+            done[run_id] = f"already {run.info.status}"
+            continue
+        versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+        if versions:  # killed after registering: only the alias and the run's end were missing
+            version = versions[0]
+            alias = next(iter(version.aliases), None) or assign_alias(
+                name,
+                version.version,
+                run.data.tags.get(FINGERPRINT_TAG, "unknown"),
+                run.data.metrics.get(ACCURACY_KEY),
+            )
+            status, what = "FINISHED", f"FINISHED, {name} version {version.version} is the {alias}"
+        else:
+            status, what = "KILLED", "KILLED (its stage was killed before the model was registered)"
+        client.set_tag(run_id, CRASH_TAG, "true")
+        client.set_terminated(run_id, status)
+        log.info("MLflow run %s of a killed stage: %s", run_id, what)
+        done[run_id] = what
+    return done
+
+
 def log_pipeline_run(
     cfg: DictConfig,
     *,
@@ -174,6 +218,7 @@ def log_pipeline_run(
         active = mlflow.start_run(experiment_id=experiment_id, tags=tags)
         mlflow.set_tag("mlflow.runName", store.run_name(cfg, active.info.run_id))
     with active as run:
+        running.note_run(run.info.run_id)  # a killed evaluate's run is finished by the next run
         params = store.run_identity(cfg)["settings"]
         param_names = store.safe_keys(params)
         items = [(param_names[k], v) for k, v in params.items()]

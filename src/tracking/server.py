@@ -35,6 +35,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from src.config.checks import CREDENTIAL_HOMES, refuse_credentials
+from src.errors import ConfigError
+
 DB_USER = DB_NAME = "mlflow"
 ADMIN_USER = "pgadmin"  # the cluster's superuser: used to create the MLflow role and database only
 SERVICE_USER = "postgres"  # PostgreSQL will not run as root: as root, it runs as this user
@@ -223,6 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     backend = args.backend_store_uri
+    shown = "the server's command line, which every local user can read (ps)"
+    try:
+        refuse_credentials("--backend-store-uri", backend, shown)
+        refuse_credentials("--artifacts-destination", args.artifacts_destination, shown)
+        endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+        logs = "the server's logs and its clients' error messages"
+        refuse_credentials("MLFLOW_S3_ENDPOINT_URL", endpoint, logs, CREDENTIAL_HOMES["s3"])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     process = None
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # so that the cleanup below runs
