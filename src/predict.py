@@ -1,7 +1,7 @@
 """Classify images with a trained model:
 
     python -m src.predict path/to/image.jpg
-    python -m src.predict path/to/folder --model models/final.keras
+    python -m src.predict path/to/folder other.png more/ --model models/final.keras
     python -m src.predict photo.png --model models:/image-classifier@champion
 
 `--model` is a `.keras` file (default: the pipeline's final model; class names from the
@@ -16,11 +16,12 @@ probabilities are calibrated with it: from the `temperature.json` beside a `.ker
 for an MLflow model, from its metadata or the `temperature` metric of the run that logged it.
 The class is the same either way; a note on stderr names the temperature applied.
 
-Prints `path<TAB>class<TAB>probability` for each readable image. Files that cannot be decoded
+Takes any number of image files and folders. Prints `path<TAB>class<TAB>probability` for each
+readable image. Files that cannot be decoded
 are listed on stderr (`skipped <path>: <reason>`) and the others still classified; under a
 folder, hidden files (`.DS_Store`, `._x.jpg`) and non-image suffixes are left out. Exit status:
 0 when at least one image was classified, 1 when none could be read, 2 for a missing target
-or a model that cannot be loaded."""
+or a model that cannot be loaded (before any image is read)."""
 
 from __future__ import annotations
 
@@ -30,27 +31,32 @@ from pathlib import Path
 
 from src.errors import ConfigError
 from src.images.decode import IMAGE_SUFFIXES
+from src.outputs import console
 from src.serving.loading import ModelError, image_files, load_model, load_temperature, predict
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("target", type=Path, help="an image file or a folder of images")
+    parser.add_argument("targets", nargs="+", type=Path, metavar="target", help="image files and folders")
     parser.add_argument("--model", help="a .keras file or an MLflow model URI (default: models/final.keras)")
     args = parser.parse_args(argv)
+    console.setup_logging()
+    files: list[Path] = []
     try:
-        files = image_files(args.target)
-        if not files:
-            raise FileNotFoundError(
-                f"no image files under {args.target} ({' '.join(sorted(IMAGE_SUFFIXES))})"
-            )
+        for target in args.targets:
+            found = image_files(target)
+            if not found:
+                raise FileNotFoundError(f"no image files under {target} ({' '.join(sorted(IMAGE_SUFFIXES))})")
+            files += [path for path in found if path not in files]
+            left_out = sum(p.is_file() for p in target.rglob("*")) - len(found) if target.is_dir() else 0
+            if left_out:
+                print(f"note: left out {left_out} hidden or non-image files under {target}", file=sys.stderr)
+        console.start_tensorflow()
         model, classes = load_model(args.model)
         temperature = load_temperature(args.model)
     except (FileNotFoundError, ModelError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.target.is_dir() and (left_out := sum(p.is_file() for p in args.target.rglob("*")) - len(files)):
-        print(f"note: left out {left_out} hidden or non-image files under {args.target}", file=sys.stderr)
     if temperature is not None:
         print(f"note: probabilities calibrated with temperature {temperature:.4g}", file=sys.stderr)
     skipped: list[tuple[Path, str]] = []

@@ -38,6 +38,7 @@ from src.config.checks import validate
 from src.config.compose import resolve
 from src.errors import ConfigError, StageError
 from src.fitting import optuna_trials
+from src.outputs import console
 from src.stages import download, evaluate, extract, finetune, prepare, reuse, stage, train_head
 from src.tracking import sweep
 
@@ -98,6 +99,8 @@ def _job_folders(cfg: DictConfig, output_dir: Path) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
+    console.quiet_libraries()  # Hydra set up logging (conf/config.yaml: hydra.job_logging)
+    console.start_tensorflow()
     hydra_cfg = HydraConfig.get()
     _job_folders(cfg, Path(hydra_cfg.runtime.output_dir))
     if hydra_cfg.mode != RunMode.MULTIRUN:

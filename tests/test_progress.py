@@ -21,9 +21,12 @@ LINE = re.compile(
 )
 
 
+EPOCH_LINE = re.compile(r"^epoch \d+/\d+: (\w+ -?[\d.]+(e[+-]\d+)?(, |$))+")  # each epoch's metrics
+
+
 def progress_lines(caplog) -> list[re.Match]:
     lines = [r.getMessage() for r in caplog.records if r.name == progress.log.name]
-    matches = [LINE.match(line) for line in lines]
+    matches = [LINE.match(line) for line in lines if not EPOCH_LINE.match(line)]
     assert all(matches), lines
     return matches
 
@@ -110,6 +113,9 @@ def test_fit_best_logs_batches_of_each_epoch_and_its_validation(tmp_path, every_
         *(("epoch 2/2", str(done), "3") for done in (1, 2, 3)),
         *(("epoch 2/2 validation", str(done), "2") for done in (1, 2)),
     ]
+    ends = [r.getMessage() for r in caplog.records if EPOCH_LINE.match(r.getMessage())]
+    assert [line.split(":")[0] for line in ends] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss" in line and "val_accuracy" in line for line in ends), ends
 
 
 def test_on_a_terminal_nothing_is_logged(tmp_path, every_step, caplog, tty, monkeypatch):

@@ -77,6 +77,9 @@ def code_deps(module: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
 
 
 if __name__ == "__main__":
+    if not sys.argv[1:] or any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print("usage: python -m src.outputs.codedeps STAGE [STAGE ...]\n\n" + (__doc__ or "").strip())
+        sys.exit(0 if sys.argv[1:] else 2)
     for stage in sys.argv[1:]:
         print(f"{stage}:")
         for path in code_deps(f"src.stages.{stage}"):

@@ -88,7 +88,8 @@ class Progress:
 
 def keras_callback(validation_steps: int | None = None, stream: TextIO | None = None):
     """A Keras callback logging `Progress` lines of the training batches of each epoch and of
-    its validation batches (`validation_steps` of them, if known); None on a terminal."""
+    its validation batches (`validation_steps` of them, if known), and each epoch's metrics when
+    it ends; None on a terminal."""
     if is_terminal(stream):
         return None
     import keras
@@ -107,6 +108,10 @@ def keras_callback(validation_steps: int | None = None, stream: TextIO | None = 
 
         def on_test_batch_end(self, batch, logs=None):
             self._progress.update()
+
+        def on_epoch_end(self, epoch, logs=None):  # Keras prints no epoch line off a terminal
+            values = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            log.info("%s: %s", self._epoch, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     return BatchProgress()
 

@@ -74,7 +74,7 @@ def load_keras_file(spec: str | None) -> tuple[object, list[str]]:
     import keras
 
     try:
-        model = keras.saving.load_model(path)
+        model = keras.saving.load_model(path, compile=False)  # to predict: no optimizer state
     except Exception as err:  # Keras raises ValueError, OSError, zip errors, ... for what is not a model
         raise ModelError(f"{name}: not a Keras model ({_first_sentence(err)}); {USAGE_HINT}") from None
     classes_file = path.with_name("classes.json")  # train_head writes it beside the models

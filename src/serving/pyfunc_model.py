@@ -57,6 +57,7 @@ CLASSES_FILE = "classes.json"
 PROBABILITY_PREFIX = "p_"  # per-class probability columns: p_cats, p_dogs, ...
 BATCH_SIZE = 32  # image files decoded and classified at a time
 SRC_DIR = Path(__file__).resolve().parents[1]  # logged with the model: the code it runs
+MODEL_CODE = Path(__file__).with_name("model_code.py")  # builds an ImageClassifier when loaded
 IMAGE_COLUMN = "image"  # base64-encoded image files (str), or their bytes (bytes, in Python)
 PATH_COLUMN = "path"
 ALLOWED_DIRS_ENV = "IMAGE_CLASSIFIER_ALLOWED_DIRS"  # folders a served model may read paths in
@@ -340,7 +341,7 @@ def save_model(
             shutil.copyfile(temperature_file, folder / loading.TEMPERATURE_FILE)
         mlflow.pyfunc.save_model(
             path,
-            python_model=ImageClassifier(),
+            python_model=str(MODEL_CODE),  # models from code: nothing pickled
             artifacts={ARTIFACT: str(folder)},
             code_paths=[str(SRC_DIR)],
             mlflow_model=mlflow_model,

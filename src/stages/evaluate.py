@@ -1,12 +1,12 @@
 """Stage `evaluate`: score the final model (and the head alone) on the held-out test split,
 write metrics and plots, and log the whole pipeline run to MLflow.
 
-Writes to `<paths.reports>/`: `metrics.json` (test and head-only accuracy and loss, macro F1,
-test expected calibration error; for `dvc metrics show`), `timings.json` (each earlier stage's
-wall time),
-`classification_report.csv` (per-class precision, recall, F1), `plots/confusion.csv` and
-`plots/reliability.csv` (for `dvc plots show`),
-`figures/{curves,confusion_matrix,misclassified,reliability}.png`.
+Reads the prepared test (and validation) images, the test features, `<paths.models>/final.keras`
+and `head.keras`, and the earlier stages' summaries. Writes to `<paths.reports>/`: `metrics.json`
+(test and head-only accuracy and loss, macro F1, test expected calibration error; for `dvc
+metrics show`), `timings.json` (each earlier stage's wall time), `classification_report.csv`
+(per-class precision, recall, F1), `plots/confusion.csv` and `plots/reliability.csv` (for `dvc
+plots show`), `figures/{curves,confusion_matrix,misclassified,reliability}.png`.
 
 With `evaluate.temperature_scaling`, one temperature is fitted on the validation split's
 predictions of the final model and saved as `<paths.models>/temperature.json` (which
@@ -139,11 +139,11 @@ def run(cfg: DictConfig) -> dict:
     if is_pretrained(cfg):
         features, y_feat = arrays.load_features(cfg, "test")
         require_images(features, "test", resolve_path(cfg.paths.features))
-    final_model = keras.saving.load_model(model_dir / "final.keras")
+    final_model = keras.saving.load_model(model_dir / "final.keras", compile=False)
     test, probs = score(final_model, images, y, n, cfg.train.batch_size)
     metrics = {"test": test}
     if is_pretrained(cfg) and cfg.head.epochs > 0:  # an untrained head's score says nothing
-        head_model = keras.saving.load_model(model_dir / "head.keras")
+        head_model = keras.saving.load_model(model_dir / "head.keras", compile=False)
         metrics["head_test"], _ = score(head_model, features, y_feat, n, cfg.train.batch_size)
     predicted = probs.argmax(axis=1)
     test["ece"] = round(calibration.expected_calibration_error(probs, y, bins), 6)
@@ -247,4 +247,4 @@ def run(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    stage.main("evaluate", run)
+    stage.main("evaluate", run, tensorflow=True)

@@ -62,4 +62,4 @@ def run(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    stage.main("extract", run)
+    stage.main("extract", run, tensorflow=True)

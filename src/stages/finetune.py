@@ -47,13 +47,13 @@ def run(cfg: DictConfig) -> dict:
     (model_dir / "temperature.json").unlink(missing_ok=True)  # fitted for an earlier final model
     if not is_pretrained(cfg):
         log.info("%s was trained from scratch in train_head: passing it on", cfg.model.name)
-        head_model = keras.saving.load_model(model_dir / "head.keras")
+        head_model = keras.saving.load_model(model_dir / "head.keras", compile=False)
         result = fit.fit_best(head_model, None, None, 0, model_dir / "final.keras", history_path)
         return {**result, "unfrozen": []}
 
     classes = arrays.load_classes(cfg)
     with chosen.scope():  # the model's variables, its optimizer and `fit` on the strategy's devices
-        head_model = keras.saving.load_model(model_dir / "head.keras")  # float32, as saved
+        head_model = keras.saving.load_model(model_dir / "head.keras", compile=False)  # float32, as saved
         policy = precision.use(cfg.train.precision)  # the base computes in it; the head keeps float32
         xla = precision.use_xla(cfg.train.jit_compile)
         return _fine_tune(cfg, chosen, head_model, model_dir, history_path, len(classes), policy, xla)
@@ -194,4 +194,4 @@ def _fit_from_boundary(
 
 
 if __name__ == "__main__":
-    stage.main("finetune", run)
+    stage.main("finetune", run, tensorflow=True)

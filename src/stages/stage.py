@@ -20,7 +20,7 @@ from src.config.compose import load_params
 from src.config.paths import resolve_path
 from src.config.schema import RUN_NODE, RUNTIME_KEYS
 from src.errors import ConfigError, StageError
-from src.outputs import folders, running
+from src.outputs import console, folders, running
 from src.outputs.atomic import write_json
 from src.outputs.folders import clean_stale
 
@@ -126,11 +126,37 @@ def timed_run(name: str, run: Callable[[DictConfig], dict], cfg: DictConfig) -> 
     return result
 
 
-def main(name: str, run: Callable[[DictConfig], dict], summary: bool = True) -> None:
-    """Entry point of `python -m src.stages.<stage>`: finishes what killed stages left, then runs
-    the stage marked as running (`timed_run`, or `run` alone for a stage without a summary).
-    Exits 2 on a bad config, 1 on a stage error."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def usage(name: str) -> str:
+    """What `python -m src.stages.<name> --help` prints: how it is run, then what the stage reads
+    and writes (its module's docstring)."""
+    module = sys.modules.get(f"src.stages.{name}") or sys.modules.get("__main__")
+    about = (getattr(module, "__doc__", None) or "").strip()
+    return (
+        f"usage: python -m src.stages.{name}\n\n"
+        "Runs one pipeline stage on the parameters in params.yaml; `dvc repro` runs every stage in\n"
+        "order. It takes no arguments: set parameters with `python -m src.params key=value ...` or\n"
+        "`dvc exp run -S key=value`.\n\n"
+        f"{about}\n"
+    )
+
+
+def main(
+    name: str, run: Callable[[DictConfig], dict], summary: bool = True, tensorflow: bool = False
+) -> None:
+    """Entry point of `python -m src.stages.<stage>`: `--help` prints `usage` and touches
+    nothing; otherwise it finishes what killed stages left, then runs the stage marked as
+    running (`timed_run`, or `run` alone for a stage without a summary). A stage that runs
+    TensorFlow (`tensorflow`) starts it first, its start-up notices filtered out. Exits 2 on
+    arguments or a bad config, 1 on a stage error."""
+    arguments = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in arguments):
+        print(usage(name), end="")
+        sys.exit(0)
+    if arguments:
+        print(usage(name).split("\n\n")[0], file=sys.stderr)
+        print(f"error: unexpected arguments {' '.join(arguments)}: see --help", file=sys.stderr)
+        sys.exit(2)
+    console.setup_logging()
     try:
         cfg = validate(load_params())
         remote_credentials()  # before a stage's outputs can be pushed with them
@@ -138,6 +164,8 @@ def main(name: str, run: Callable[[DictConfig], dict], summary: bool = True) -> 
             run(cfg)
             return
         recover(cfg)
+        if tensorflow:
+            console.start_tensorflow()
         with running.marked(name):
             timed_run(name, run, cfg)
     except ConfigError as err:

@@ -90,4 +90,4 @@ def run(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    stage.main("train_head", run)
+    stage.main("train_head", run, tensorflow=True)
