@@ -30,6 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TL_SHARED_DIR", REPO.parent / "shared")).resolve()
 STAGES = ("prepare", "extract", "train_head", "finetune", "evaluate")
+# Built once with ../shared/weights/xception_imagenet_notop.sh (see README, Offline use)
+XCEPTION_WEIGHTS = Path(
+    os.environ.get("TL_XCEPTION_WEIGHTS", REPO / "data" / "weights" / "xception_imagenet_notop.weights.h5")
+)
 
 # preset -> (reference result, default data folder, default weights)
 PRESETS: dict[str, tuple[str, Path | None, str | None]] = {
@@ -43,6 +47,12 @@ PRESETS: dict[str, tuple[str, Path | None, str | None]] = {
         SHARED / "data" / "gtsrb_40",
         str(SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"),
     ),
+    "xception_cats_vs_dogs": (
+        "head ≥ 99.3%, fine-tuned ≥ 99.5% test; at most half dlwp_cats_vs_dogs' time",
+        SHARED / "data" / "cats_vs_dogs",
+        str(XCEPTION_WEIGHTS),
+    ),
+    "xception_gtsrb": ("≥ 95% test (VGG16: 91.9%)", SHARED / "data" / "gtsrb_40", str(XCEPTION_WEIGHTS)),
     "cifar10_baseline": ("≥ 72% test (full 50k train)", SHARED / "data" / "cifar10_small", None),
     "flowers_resnet50": ("≥ 90% test", None, "imagenet"),
 }

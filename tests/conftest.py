@@ -9,6 +9,8 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +28,33 @@ GTSRB = SHARED / "data" / "gtsrb_40"
 VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
 
 
+# Built from the shared script, not kept in ../shared (CI builds it before the tests).
+XCEPTION_WEIGHTS = Path(
+    os.environ.get(
+        "TL_XCEPTION_WEIGHTS", REPO_ROOT / "data" / "weights" / "xception_imagenet_notop.weights.h5"
+    )
+)
+
+
 def require_shared() -> None:
     if not CATS_DOGS.is_dir() or not VGG16_WEIGHTS.is_file():
         pytest.skip(f"shared datasets and weights not found under {SHARED} (set TL_SHARED_DIR)")
+
+
+def require_xception_weights() -> Path:
+    """The ImageNet Xception weights file, built with the shared script the first time (about a
+    minute; it needs the package index), or a skip saying how to build it."""
+    script = SHARED / "weights" / "xception_imagenet_notop.sh"
+    if not XCEPTION_WEIGHTS.is_file() and script.is_file():
+        XCEPTION_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHON": sys.executable}
+        subprocess.run([str(script), str(XCEPTION_WEIGHTS)], env=env, capture_output=True, timeout=900)
+    if not XCEPTION_WEIGHTS.is_file():
+        pytest.skip(
+            f"no Xception weights at {XCEPTION_WEIGHTS}: build them with "
+            f"{SHARED}/weights/xception_imagenet_notop.sh {XCEPTION_WEIGHTS} (or set TL_XCEPTION_WEIGHTS)"
+        )
+    return XCEPTION_WEIGHTS
 
 
 PATH_KEYS = ("raw", "downloads", "prepared", "features", "models", "reports", "cache")

@@ -13,17 +13,83 @@ from src.config.checks import validate
 from src.config.compose import compose, load_params, to_yaml
 from src.config.paths import PARAMS_FILE, REPO_ROOT
 from src.errors import ConfigError
+from src.params import drift, params_text, record_line, recorded_overrides
 
 PRESETS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
 def test_params_yaml_matches_conf():
-    """params.yaml must be exactly what conf/ composes (regenerate: python -m src.params)."""
-    composed = compose()
-    assert OmegaConf.to_container(load_params()) == OmegaConf.to_container(composed), (
-        "params.yaml drifted from conf/: run `python -m src.params`"
+    """params.yaml must be exactly what conf/ composes with the overrides its first line records
+    (regenerate: python -m src.params [overrides])."""
+    problem = drift()
+    assert problem is None, problem
+    overrides = recorded_overrides(PARAMS_FILE.read_text()) or []
+    assert OmegaConf.to_container(load_params()) == OmegaConf.to_container(compose(overrides))
+
+
+def test_params_check_cli_says_what_the_drift_check_says():
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.params", "--check"], cwd=REPO_ROOT, capture_output=True, text=True
     )
-    assert PARAMS_FILE.read_text() == to_yaml(composed)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "is what conf/ composes with its recorded overrides" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["experiment=ci"],
+        ["experiment=ci", "head.dropout=0.3", "head.units=[128,64]", "tracking.experiment=cats and dogs"],
+        ["experiment=gtsrb_finetune", "finetune.layers=4"],
+    ],
+)
+def test_a_params_yaml_composed_from_any_valid_overrides_passes_the_drift_check(tmp_path, overrides):
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text(overrides))
+    assert recorded_overrides(path.read_text()) == overrides
+    assert drift(path) is None
+    assert OmegaConf.to_container(load_params(path)) == OmegaConf.to_container(compose(overrides))
+
+
+def test_a_hand_edited_params_yaml_fails_the_drift_check_naming_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = params_text(["experiment=ci", "head.dropout=0.3"])
+    assert "  dropout: 0.3\n" in text
+    path.write_text(text.replace("  dropout: 0.3\n", "  dropout: 0.4\n"))
+    problem = drift(path)
+    assert problem is not None and "values differ at head.dropout" in problem
+    assert "python -m src.params experiment=ci head.dropout=0.3" in problem
+
+    path.write_text(text.replace("  epochs: 1\n", "  epochs: 1  # one is enough\n", 1))  # same values
+    problem = drift(path)
+    assert problem is not None and "same values, different text" in problem
+
+
+def test_a_params_yaml_composed_from_a_conf_that_changed_since_fails(tmp_path):
+    """As if the ci preset had trained the head for 2 epochs when params.yaml was composed."""
+    path = tmp_path / "params.yaml"
+    stale = record_line(["experiment=ci"]) + to_yaml(compose(["experiment=ci", "head.epochs=2"]))
+    path.write_text(stale)
+    problem = drift(path)
+    assert problem is not None and "values differ at head.epochs" in problem
+
+
+def test_a_params_yaml_without_the_record_line_is_checked_against_the_defaults(tmp_path):
+    """What `dvc exp run -S` writes: the composed YAML alone."""
+    path = tmp_path / "params.yaml"
+    path.write_text(to_yaml(compose()))
+    assert drift(path) is None
+    path.write_text(to_yaml(compose(["experiment=ci"])))
+    problem = drift(path)
+    assert problem is not None and "records no overrides" in problem and "values differ at" in problem
+
+
+def test_a_record_line_that_no_longer_composes_is_reported(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(record_line(["experiment=no_such_preset"]) + to_yaml(compose()))
+    problem = drift(path)
+    assert problem is not None and "no longer compose" in problem and "no_such_preset" in problem
 
 
 @pytest.mark.parametrize("preset", PRESETS)

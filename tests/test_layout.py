@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("src.serving",),
     ("src.tracking",),  # logging a pipeline run registers a served (pyfunc) model
     ("src.stages",),
-    ("src.train", "src.params", "src.predict", "src.compare"),
+    ("src.train", "src.params", "src.predict", "src.compare", "src.experiments", "src.offline_plots"),
 ]
 
 # The flat layout before the role packages had 103 module-to-module import edges between 32

@@ -169,6 +169,7 @@ def test_multirun_logs_parent_children_reuses_features_and_survives_a_failing_jo
     logs = job_logs(tmp_path)  # each job logs to its own file (and to stdout)
     assert logs.count("extract: building") == 1 and logs.count("extract: reusing") == 1
     assert client.get_run(parent["run_id"]).data.tags["failed_jobs"] == "1"
+    assert client.get_run(parent["run_id"]).info.run_name == "sweep ci finetune.layers=0,2,99"
 
 
 @contextlib.contextmanager
@@ -246,6 +247,9 @@ def test_optuna_search_logs_its_trials_as_children(tmp_path):
     assert all(r.data.tags.get("optuna.state") == "PRUNED" for r in runs if r.info.status == "KILLED")
     keys = {o.split("=")[0] for r in runs for o in json.loads(r.data.tags["sweep.overrides"])}
     assert {"finetune.learning_rate", "head.dropout", "finetune.layers", "finetune.epochs"} <= keys
+    name = client.get_run(parent["run_id"]).info.run_name  # the preset's search space
+    assert name.startswith("sweep ci finetune.learning_rate=tag(log, interval(1e-6, 1e-4)) head.dropout=")
+    assert name.endswith(" hparams_search=finetune_optuna")
 
 
 # Flags for Chromium on a machine without network or screen (no background connections).
@@ -288,6 +292,31 @@ def test_the_mlflow_ui_compares_the_sweeps_child_runs_in_headless_chromium(basic
     assert ">finetune.layers<" in page and ">test.accuracy<" in page  # the swept key and the metric
 
 
+@pytest.mark.slow
+def test_the_mlflow_ui_opens_the_experiment_on_its_runs(basic_sweep, tmp_path):
+    """The experiment's page as the README links it, rendered by a real browser from a real
+    `mlflow server`: the runs, the sweep's parent among them by its name, not the GenAI overview."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    _, _, client, parent = basic_sweep
+    name = client.get_run(parent["run_id"]).info.run_name
+    experiment = parent["experiment_id"]
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    with mlflow_server(parent["tracking_uri"]) as base:
+        rendered = subprocess.run(
+            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1600,1200",
+             "--virtual-time-budget=30000", "--dump-dom",
+             f"{base}/#/experiments/{experiment}?workflowType=machine_learning"],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    page = rendered.stdout
+    assert name in page, page[-2000:]
+    assert f'href="#/experiments/{experiment}/runs/{parent["run_id"]}"' in page
+
+
 def test_child_runs_are_named_by_their_swept_values_only(tmp_path):
     """Values the command line fixes are left out of child run names, however Hydra re-spells
     them in the job's overrides (spaces dropped, characters escaped)."""
@@ -304,3 +333,77 @@ def test_child_runs_are_named_by_their_swept_values_only(tmp_path):
            f"tracking.uri={uri.replace(':', chr(92) + ':')}", "+optuna_trial_id=3"]  # fmt: skip
     run_id = sweep.start_child(compose(["experiment=ci"]), parent, job, 1)
     assert client.get_run(run_id).info.run_name == "job1: finetune.layers=8 +optuna_trial_id=3"
+
+
+def multirun_config(*overrides: str):
+    """The config Hydra hands a multirun's callbacks for `python -m src.train -m <overrides>`
+    (composed from `conf/` in multirun mode: sweep overrides recorded, not applied)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from src.config.paths import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        hydra = GlobalHydra.instance().hydra
+        assert hydra is not None
+        return hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN)
+
+
+def test_a_sweeps_parent_run_is_named_by_what_it_sweeps(tmp_path):
+    """The preset, the swept values (the command line's, then a preset's search space), then the
+    fixed settings, as written; not where things live or how jobs are launched."""
+    where = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+             f"dataset.path={tmp_path / 'images'}", *path_overrides(tmp_path / "work")]  # fmt: skip
+    cases = {
+        ("experiment=ci", "finetune.layers=4,8,12", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"):
+            "sweep ci finetune.layers=4,8,12",
+        ("experiment=ci", "head.dropout=0.3", "finetune.layers=range(0,6,2)"):
+            "sweep ci finetune.layers=range(0,6,2) head.dropout=0.3",
+        ("experiment=ci,gtsrb_finetune", "model=vgg16,resnet50"):
+            "sweep experiment=ci,gtsrb_finetune model=vgg16,resnet50",
+        ("experiment=ci", "hparams_search=finetune_optuna", "hydra.sweeper.n_trials=4",
+         "finetune.layers=choice(2,4)"):
+            "sweep ci finetune.layers=choice(2,4) finetune.learning_rate=tag(log, interval(1e-6, 1e-4)) "
+            "head.dropout=interval(0.0, 0.6) finetune.epochs=choice(1, 2, 3) hparams_search=finetune_optuna",
+    }  # fmt: skip
+    for overrides, name in cases.items():
+        assert sweep.sweep_name(multirun_config(*overrides, *where)) == name
+    long = sweep.sweep_name(multirun_config("finetune.layers=" + ",".join(map(str, range(100)))))
+    assert len(long) == 250 and long.startswith("sweep default finetune.layers=0,1,2,") and long.endswith("…")
+
+
+def test_the_sweep_callback_opens_the_named_parent_run_in_an_experiment_of_model_training(tmp_path):
+    config = multirun_config(
+        "experiment=ci", "finetune.layers=4,8", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment=sweeps", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    )  # fmt: skip
+    sweep.SweepCallback().on_multirun_start(config)
+    parent = sweep.parent_of(tmp_path / "multirun")
+    assert parent is not None
+    client = MlflowClient(parent["tracking_uri"])
+    run = client.get_run(parent["run_id"])
+    assert run.info.run_name == "sweep ci finetune.layers=4,8" and run.data.tags["sweep"] == "parent"
+    experiment = client.get_experiment(parent["experiment_id"])
+    assert experiment.name == "sweeps"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_experiment_is_marked_as_model_training_for_the_mlflow_ui(tmp_path):
+    """MLflow's experiment-kind tag: set on the experiment the project creates, added to one
+    created without it (an older checkout, another tool), kept when someone chose another kind."""
+    from src.config.compose import compose
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    created = store.use_store(compose(["experiment=ci", f"tracking.uri={uri}"]))
+    assert client.get_experiment(created).name == "transfer-learning"
+    assert client.get_experiment(created).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("older")
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    cfg = compose(["experiment=ci", f"tracking.uri={uri}", "tracking.experiment=older"])
+    assert store.use_store(cfg) == older
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(older, "mlflow.experimentKind", "genai_development")
+    store.use_store(cfg)
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "genai_development"

@@ -40,7 +40,12 @@ RESERVED = (
     ".venv",
 )
 # A conv base's weight file, recognised by its convolution kernels: (how many, the first one's shape).
-WEIGHT_SIGNATURES = {"vgg16": (13, (3, 3, 3, 64)), "resnet50": (53, (7, 7, 3, 64))}
+# (Xception: 6 convolutions, and a depthwise and a pointwise kernel for each of 34 separable ones.)
+WEIGHT_SIGNATURES = {
+    "vgg16": (13, (3, 3, 3, 64)),
+    "resnet50": (53, (7, 7, 3, 64)),
+    "xception": (74, (3, 3, 3, 32)),
+}
 
 
 def _bad(key: str, value: object, allowed: str) -> ConfigError:
@@ -226,7 +231,23 @@ def _check_model(cfg: DictConfig) -> None:
     if is_pretrained(cfg):
         spec = BACKBONES[cfg.model.name]
         if size < spec["min_size"]:
-            raise _bad("dataset.image_size", size, f"{cfg.model.name} needs at least {spec['min_size']} px")
+            raise _bad(
+                "dataset.image_size",
+                size,
+                f"{cfg.model.name} needs at least {spec['min_size']} px (its strided blocks would leave "
+                "nothing of a smaller image)",
+            )
+        cuts = spec.get("cuts")
+        if cuts is not None and cfg.finetune.layers not in cuts and cfg.finetune.layers <= spec["layers"]:
+            below = max(c for c in cuts if c < cfg.finetune.layers)
+            above = min(c for c in cuts if c > cfg.finetune.layers)
+            raise _bad(
+                "finetune.layers",
+                cfg.finetune.layers,
+                f"it cuts inside a block of {cfg.model.name}, whose side branch would stay frozen; the "
+                f"nearest counts that unfreeze whole blocks are {below} and {above} (all: "
+                f"{', '.join(map(str, cuts))})",
+            )
         if cfg.finetune.layers > spec["layers"]:
             raise _bad(
                 "finetune.layers",

@@ -78,10 +78,12 @@ def preprocessing(model_cfg: DictConfig):
 
     VGG16/ResNet50 ("caffe"): RGB -> BGR and ImageNet mean subtraction, done by a fixed 1x1
     convolution (a channel permutation plus bias), which equals `preprocess_input` exactly.
-    From scratch: scale to [0, 1]."""
+    Xception ("tf"): scale to [-1, 1], as `xception.preprocess_input`. From scratch: [0, 1]."""
     keras = _keras()
     if model_cfg.name not in BACKBONES:
         return keras.layers.Rescaling(1.0 / 255, name="preprocess")
+    if model_cfg.name == "xception":
+        return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
     flip = np.zeros((1, 1, 3, 3), dtype=np.float32)
     for out_channel, in_channel in enumerate((2, 1, 0)):  # output BGR from input RGB
         flip[0, 0, in_channel, out_channel] = 1.0
@@ -95,7 +97,11 @@ def preprocessing(model_cfg: DictConfig):
 def conv_base(model_cfg: DictConfig, image_size: int):
     """The pretrained conv base (no top) with weights `imagenet`, a file path, or random (null)."""
     keras = _keras()
-    app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[model_cfg.name]
+    app = {
+        "vgg16": keras.applications.VGG16,
+        "resnet50": keras.applications.ResNet50,
+        "xception": keras.applications.Xception,
+    }[model_cfg.name]
     weights = model_cfg.weights
     if weights not in (None, "imagenet"):
         weights = str(resolve_input(weights))
@@ -211,31 +217,58 @@ def scratch_model(
     return keras.Model(inputs, _dense_stack(x, head_cfg, n_classes), name=f"{model_cfg.name}_classifier")
 
 
-def split_at(base, n_top: int):
-    """(bottom, top) of a sequential conv base such as VGG16: `bottom` maps images to the
-    activations before the last `n_top` layers, `top` maps those to the base's output, reusing
-    (sharing weights with) the base's own layers. None for bases with branches (ResNet50)."""
-    keras = _keras()
+def clean_cuts(base) -> list[int]:
+    """The counts of top layers after which one tensor alone flows into the rest of the base:
+    every layer of the top reads only the boundary tensor or other top layers. Every count for a
+    sequential base such as VGG16; for Xception and ResNet50 the ends of their blocks."""
     layers = base.layers[1:]
-    if any(
-        len(layer._inbound_nodes) != 1 or len(layer._inbound_nodes[0].input_tensors) != 1 for layer in layers
-    ):
+    position = {id(layer): i for i, layer in enumerate(layers)}
+    cuts = []
+    for n_top in range(len(layers) + 1):
+        start = len(layers) - n_top  # the top is layers[start:], fed by layers[start - 1] (or the input)
+        sources = {
+            position.get(id(tensor._keras_history.operation), -1)
+            for layer in layers[start:]
+            for node in layer._inbound_nodes[:1]  # the base's own graph (a split adds nodes)
+            for tensor in node.input_tensors
+        }
+        if all(i >= start or i == start - 1 for i in sources):
+            cuts.append(n_top)
+    return cuts
+
+
+def split_at(base, n_top: int):
+    """(bottom, top) of a conv base cut before its last `n_top` layers: `bottom` maps images to
+    the boundary activations, `top` maps those to the base's output, reusing (sharing weights
+    with) the base's own layers. None when the cut is not clean (`clean_cuts`): a side branch
+    of a block (ResNet50, Xception) would cross it."""
+    keras = _keras()
+    if n_top not in clean_cuts(base):
         return None
+    layers = base.layers[1:]
     boundary = layers[len(layers) - n_top - 1].output if n_top < len(layers) else base.input
     bottom = keras.Model(base.input, boundary, name="frozen_bottom")
-    x = inputs = keras.Input(shape=boundary.shape[1:], name="boundary_activations")
-    for layer in layers[len(layers) - n_top :]:
-        x = layer(x)
-    return bottom, keras.Model(inputs, x, name="trainable_top")
+    top = keras.Model(boundary, base.output, name="trainable_top")  # the base's own layers above it
+    return bottom, top
 
 
 def unfreeze_top(base, n_layers: int) -> list[str]:
-    """Make only the last `n_layers` layers of the base trainable; return their names."""
+    """Make only the last `n_layers` layers of the base trainable, batch normalisation layers
+    excepted; return the names of those made trainable.
+
+    Batch normalisation stays frozen, so it runs in inference mode with its ImageNet statistics
+    (Keras' transfer-learning guide): `base(x, training=False)` alone does not keep it there,
+    since a functional model passes its own `training` on to every layer it calls."""
+    keras = _keras()
     layers = base.layers[1:]  # skip the InputLayer: counting starts at the first conv layer
     base.trainable = True
     for layer in layers[: len(layers) - n_layers]:
         layer.trainable = False
-    return [layer.name for layer in layers[len(layers) - n_layers :]] if n_layers else []
+    top = layers[len(layers) - n_layers :] if n_layers else []
+    for layer in top:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False  # inference mode: moving statistics used, never updated
+    return [layer.name for layer in top if layer.trainable]
 
 
 def predict_to_file(base, preprocess, images: np.ndarray, batch_size: int, out_path) -> tuple[int, ...]:

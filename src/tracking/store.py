@@ -39,9 +39,17 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def use_store(cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and select (creating if needed) the experiment."""
+    """Point MLflow at the configured store and select (creating if needed) the experiment.
+
+    The experiment is marked as one of model training: MLflow's experiment-kind tag
+    `mlflow.experimentKind` = `custom_model_development`, which MLflow's UI reads to open an
+    experiment on its runs rather than on the GenAI overview (an experiment created without it,
+    e.g. by an older checkout, gets it here; a kind someone chose is kept). UIs with a global
+    "GenAI / Model training" switch in the sidebar follow that switch instead, or
+    `?workflowType=machine_learning` in the experiment's URL."""
     import mlflow
 
+    kind = {"mlflow.experimentKind": "custom_model_development"}
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.experiment
@@ -50,8 +58,12 @@ def use_store(cfg: DictConfig) -> str:
         if uri == default_uri():
             STORE_DIR.mkdir(exist_ok=True)
             location = (STORE_DIR / "artifacts").as_uri()
-        mlflow.create_experiment(name, artifact_location=location)
-    return mlflow.set_experiment(name).experiment_id
+        mlflow.create_experiment(name, artifact_location=location, tags=kind)
+    experiment = mlflow.set_experiment(name)
+    for key, value in kind.items():
+        if key not in experiment.tags:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 class StoreError(StageError):

@@ -1,11 +1,12 @@
 """Sweeps in MLflow: one parent run per Hydra multirun, one child run per job, and a summary.
 
 `SweepCallback` (registered in `conf/config.yaml` under `hydra.callbacks`) opens the parent run
-when a multirun starts and writes its id to `<sweep dir>/mlflow_parent_run.json`; every job,
-in this process or in a launcher's worker process, reads that file and logs into its own child
-run. When the multirun ends, the callback tabulates the children (swept values against val and
-test metrics, best first) as CSV and markdown, plots the metric against each swept key, attaches
-both to the parent, and exits with status 1 if any job failed.
+when a multirun starts, named by what it sweeps (`sweep ci finetune.layers=4,8,12`), and writes
+its id to `<sweep dir>/mlflow_parent_run.json`; every job, in this process or in a launcher's
+worker process, reads that file and logs into its own child run. When the multirun ends, the
+callback tabulates the children (swept values against val and test metrics, best first) as CSV
+and markdown, plots the metric against each swept key, attaches both to the parent, and exits
+with status 1 if any job failed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,37 @@ def fixed_keys(overrides: list[str]) -> set[str]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     return {o.get_key_element().lstrip("+~") for o in parsed if not o.is_sweep_override()}
+
+
+def _names_the_sweep(key: str) -> bool:
+    """Whether a setting tells sweeps apart: not where things live (`paths.*`, `tracking.*`,
+    `dataset.path`, ...), not Hydra's own settings or plugins (`hydra.*`, `hydra/launcher`), not the
+    preset (named on its own)."""
+    return not (store.UNNAMED_SETTINGS.match(key) or key.startswith("hydra/"))
+
+
+def sweep_name(config: DictConfig) -> str:
+    """What a multirun sweeps, as the name of its parent run: its preset, the values it sweeps
+    (the command line's, then the search space a preset gives the sweeper, e.g. Optuna's
+    `finetune.layers=choice(0, 2, 4, 8)`), then the settings it fixes, as written; where things
+    live is left out. `-m experiment=ci finetune.layers=4,8,12 hydra/launcher=ray` is
+    `sweep ci finetune.layers=4,8,12`; a sweep over presets names them in place of the preset."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept: dict[str, str] = {}
+    fixed: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        key = override.get_key_element().lstrip("+~")
+        if override.is_sweep_override() and (key == "experiment" or _names_the_sweep(key)):
+            swept[key] = override.input_line.strip()
+        elif not override.is_sweep_override() and _names_the_sweep(key):
+            fixed[key] = override.input_line.strip()
+    for key, space in (config.hydra.sweeper.get("params") or {}).items():
+        if str(key) not in swept and str(key) not in fixed and _names_the_sweep(str(key)):
+            swept[str(key)] = f"{key}={space}"
+    preset = [] if "experiment" in swept else [str(config.preset)]
+    name = " ".join(["sweep", *preset, *swept.values(), *fixed.values()])
+    return name if len(name) <= 250 else name[:249] + "…"  # MLflow's limit on run names
 
 
 def start_child(cfg: DictConfig, parent: dict, overrides: list[str], job: int) -> str:
@@ -200,7 +232,7 @@ class SweepCallback(Callback):
         overrides = list(config.hydra.overrides.task)
         run = _client(uri).create_run(
             experiment_id,
-            run_name=f"sweep {sweep_dir.name}",
+            run_name=sweep_name(config),
             tags={"sweep": "parent", "sweep.dir": str(sweep_dir), "sweep.overrides": json.dumps(overrides)},
         )
         parent = {
