@@ -26,10 +26,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from src.outputs.atomic import atomic_file
 
 # What DVC's page loads from its CDN (dvc_render's VegaRenderer.SCRIPTS): name, version and the
 # npm registry's sha512 digest of the tarball.
@@ -158,16 +159,10 @@ def template(libraries: list[Library]) -> str:
 
 
 def write(text: str, path: Path) -> Path:
-    """Write `text` to `path` atomically: a temp file beside it, then a rename."""
+    """Write `text` to `path` atomically (`src.outputs.atomic.atomic_file`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

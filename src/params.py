@@ -17,10 +17,8 @@ that has changed since, differs from that composition. A `params.yaml` without t
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from src.config.checks import validate
 from src.config.compose import compose, to_yaml
 from src.config.paths import PARAMS_FILE
 from src.errors import ConfigError
+from src.outputs.atomic import atomic_file
 
 COMMAND = "python -m src.params"  # how params.yaml's first line starts: the command that wrote it
 RECORD_PREFIX = f"# {COMMAND}"
@@ -112,15 +111,10 @@ def _differing_keys(found: object, composed: object, prefix: str = "") -> list[s
 
 
 def write_text(text: str, path: Path = PARAMS_FILE) -> Path:
-    """Write `text` to `path` atomically: a temp file beside it, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` atomically (`src.outputs.atomic.atomic_file`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -3,9 +3,11 @@
     python -m src.predict path/to/image.jpg
     python -m src.predict path/to/folder other.png more/ --model models/final.keras
     python -m src.predict photo.png --model models:/image-classifier@champion
+    python -m src.predict photo.png --model models/export/model_int8.tflite
 
 `--model` is a `.keras` file (default: the pipeline's final model; class names from the
-`classes.json` beside it) or an MLflow model URI (`runs:/<id>/model`,
+`classes.json` beside it), an exported `.onnx` or `.tflite` file (`dvc repro export`; class names
+from its side-car JSON), or an MLflow model URI (`runs:/<id>/model`,
 `models:/<name>/<version>`, `models:/<name>@<alias>`; classes from the model's metadata),
 resolved against the tracking store configured in params.yaml. Of an MLflow model the Keras
 network is loaded: its `keras` flavor (what `src.tracking` logs and registers), or the
@@ -30,9 +32,22 @@ import sys
 from pathlib import Path
 
 from src.errors import ConfigError
+from src.exporting.device import read_classes
+from src.exporting.runtimes import EXPORTED_SUFFIXES, ExportedModel
 from src.images.decode import IMAGE_SUFFIXES
 from src.outputs import console
 from src.serving.loading import ModelError, image_files, load_model, load_temperature, predict
+
+
+def exported_model(path: Path) -> tuple[ExportedModel, list[str], None]:
+    """An exported ONNX or LiteRT file and its classes (its side-car JSON); no temperature: the
+    exported model gives the probabilities it was trained to give."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; export the model first (dvc repro export)")
+    try:
+        return ExportedModel(path), read_classes(path), None
+    except (ValueError, RuntimeError) as err:  # the runtime's own errors for what is not a model
+        raise ModelError(f"{path}: not an exported model the runtime can load ({err})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             if left_out:
                 print(f"note: left out {left_out} hidden or non-image files under {target}", file=sys.stderr)
         console.start_tensorflow()
-        model, classes = load_model(args.model)
-        temperature = load_temperature(args.model)
+        if args.model and Path(args.model).suffix in EXPORTED_SUFFIXES:  # an exported file
+            model, classes, temperature = exported_model(Path(args.model))
+        else:
+            model, classes = load_model(args.model)
+            temperature = load_temperature(args.model)
     except (FileNotFoundError, ModelError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

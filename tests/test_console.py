@@ -65,7 +65,8 @@ def test_training_into_a_file_prints_plain_lines_only(tmp_path):
 
 ENTRY_POINTS = [
     *(["-m", f"src.stages.{name}"] for name in ("recover", "download", "prepare", "extract")),
-    *(["-m", f"src.stages.{name}"] for name in ("train_head", "finetune", "evaluate")),
+    *(["-m", f"src.stages.{name}"] for name in ("train_head", "finetune", "evaluate", "export")),
+    ["-m", "src.export"],
     ["-m", "src.train"],
     ["-m", "src.params"],
     ["-m", "src.predict"],

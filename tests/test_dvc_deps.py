@@ -108,7 +108,7 @@ def test_each_plot_file_is_declared_once_and_timings_are_no_metric():
     top_level = {f for plot in document.get("plots", []) for spec in plot.values() for f in spec["y"]}
     assert top_level and not (stage_plots & top_level), f"declared twice: {sorted(stage_plots & top_level)}"
     metrics = set().union(*(_names(s.get("metrics", [])) for s in STAGES.values()))
-    assert metrics == {"${paths.reports}/metrics.json"}
+    assert metrics == {"${paths.reports}/metrics.json", "${paths.reports}/export.json"}
     assert "${paths.reports}/timings.json" in _names(STAGES["evaluate"]["outs"])
 
 

@@ -86,7 +86,7 @@ def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
 
     sh(repo, "python", "-m", "src.params", "experiment=ci")
     first = sh(repo, "dvc", "repro")
-    everything = {"recover", "download", "prepare", "extract", "train_head", "finetune", "evaluate"}
+    everything = {"recover", "download", "prepare", "extract", "train_head", "finetune", "evaluate", "export"}
     assert ran_stages(first) == everything
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert 0 <= metrics["test"]["accuracy"] <= 1 and 0 <= metrics["head_test"]["accuracy"] <= 1
@@ -98,7 +98,7 @@ def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
 
     # the head's dropout feeds train_head, finetune and evaluate only
     sh(repo, "python", "-m", "src.params", "experiment=ci", "head.dropout=0.3")
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"train_head", "finetune", "evaluate"}
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"train_head", "finetune", "evaluate", "export"}
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("transfer-learning")
@@ -120,7 +120,7 @@ def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
     output = sh(repo, "dvc", "exp", "run", "-S", "experiment=ci", "-S", "head.dropout=0.25")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["head"]["dropout"] == 0.25 and params["preset"] == "ci"
-    assert ran_stages(output) == {"train_head", "finetune", "evaluate"}
+    assert ran_stages(output) == {"train_head", "finetune", "evaluate", "export"}
     latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
     assert latest.data.params["head.dropout"] == "0.25"
 
@@ -198,7 +198,7 @@ def test_content_changes_rerun_what_reads_them_and_outputs_over_data_are_refused
         f"dataset.path={images}",
         f"model.weights={weights}",
     )
-    assert len(ran_stages(sh(repo, "dvc", "repro"))) == 7  # six stages, and recover (no lock entry yet)
+    assert len(ran_stages(sh(repo, "dvc", "repro"))) == 8  # seven stages, and recover (no lock entry yet)
     assert "up to date" in sh(repo, "dvc", "status")
 
     with h5py.File(weights, "r+") as f:  # other weights, same file name and size
@@ -206,7 +206,7 @@ def test_content_changes_rerun_what_reads_them_and_outputs_over_data_are_refused
         bias[...] = bias[...] + 1.0
     status = sh(repo, "dvc", "status")
     assert "extract" in status and "finetune" in status and str(weights) in status
-    assert ran_stages(sh(repo, "dvc", "repro")) == {"extract", "train_head", "finetune", "evaluate"}
+    assert ran_stages(sh(repo, "dvc", "repro")) == {"extract", "train_head", "finetune", "evaluate", "export"}
 
     corpus.image(images / "cats" / "cats0.bmp", 24, seed=999)  # other pixels, same size
     assert "download" in sh(repo, "dvc", "status")

@@ -55,7 +55,7 @@ def origin(tmp_path_factory, s3_endpoint) -> dict:
     repo = copy_repo(tmp_path_factory.mktemp("origin"))
     sh(repo, "python", "-m", "src.params", "experiment=ci")
     start = time.perf_counter()
-    assert len(ran_stages(sh(repo, "dvc", "repro"))) == 7  # six stages, and recover (no lock entry yet)
+    assert len(ran_stages(sh(repo, "dvc", "repro"))) == 8  # seven stages, and recover (no lock entry yet)
     times = {"repro": time.perf_counter() - start}
     # under DVC the stages neither fill nor read src.train's content-addressed cache
     assert not {"prepare", "extract"} & {p.name for p in (repo / "data" / "cache").glob("*")}
@@ -122,6 +122,6 @@ def test_queued_head_experiment_reuses_prepare_and_extract_from_dvc(origin):
     status = run_queue(repo)
     assert "Success" in status, status
     logs = sh(repo, "dvc", "queue", "logs", name)
-    assert ran_stages(logs) == {"train_head", "finetune", "evaluate"}, logs
+    assert ran_stages(logs) == {"train_head", "finetune", "evaluate", "export"}, logs
     for stage in EXPENSIVE:
         assert re.search(rf"Stage '{stage}' (didn't change, skipping|is cached - skipping run)", logs), logs

@@ -28,16 +28,25 @@ LAYERS: list[tuple[str, ...]] = [
     ("src.evaluation",),
     ("src.tracking.store",),  # where runs and models are stored: serving loads models from it
     ("src.serving",),
+    ("src.exporting",),  # the device model, its conversion and runtimes (src.predict runs them)
     ("src.tracking",),  # logging a pipeline run registers a served (pyfunc) model
     ("src.stages",),
-    ("src.train", "src.params", "src.predict", "src.compare", "src.experiments", "src.offline_plots"),
+    (
+        "src.train",
+        "src.params",
+        "src.predict",
+        "src.compare",
+        "src.experiments",
+        "src.offline_plots",
+        "src.export",
+    ),
 ]
 
 # The flat layout before the role packages had 103 module-to-module import edges between 32
 # modules (3.2 per module); the role packages split prepare, config, stage and evaluate into 50
 # smaller modules with 171 edges (3.4 per module). A ratchet: the count may not grow, so an
 # import added somewhere means one cut elsewhere (or a deliberate raise of this ceiling).
-MAX_EDGES = 187  # +15: running-stage marks, the server checking its URIs, one console setup, model from code
+MAX_EDGES = 204  # +33: running-stage marks, URI checks, console setup, the export stage and src/exporting
 
 CONSTANT = re.compile(r"^[A-Z][A-Z0-9_]*$")
 

@@ -119,35 +119,25 @@ def test_finetune_unfreezes_exactly_block5(pipeline):
     assert len(pd.read_csv(tmp / "work" / "reports" / "finetune" / "history.csv")) == 1
 
 
-@pytest.mark.parametrize("augmented", [False, True])
-def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeline, tmp_path, augmented):
-    """Training (without augmentation) and validation (always) on activations cached at the
-    freeze boundary follow the same curves as running the whole network, and save an image
-    model whose validation loss is the one recorded."""
-    import keras
+AUGMENT = {"flip": "horizontal", "rotation": 0.1, "zoom": 0.2}
+NO_AUGMENT = {"flip": None, "rotation": 0.0, "zoom": 0.0}
+
+
+def finetune_both_ways(cfg, tmp: Path, out: Path, augmented: bool) -> dict:
+    """finetune.run (2 epochs, float32) from the pipeline's head, with and without activations
+    cached at the freeze boundary: cached -> (summary, history, config), after checking what
+    the summary says was cached."""
     from omegaconf import OmegaConf
 
-    from src.data import arrays
-    from src.stages import evaluate
-
-    cfg, tmp, _ = pipeline
-    augment = (
-        {"flip": "horizontal", "rotation": 0.1, "zoom": 0.2}
-        if augmented
-        else {"flip": None, "rotation": 0.0, "zoom": 0.0}
-    )
-    histories = {}
+    runs = {}
     for cached in (True, False):
         run_cfg = OmegaConf.merge(
             cfg,
             {
-                "augment": augment,
+                "augment": AUGMENT if augmented else NO_AUGMENT,
                 "train": {"precision": "float32"},
                 "finetune": {"cached_activations": cached, "epochs": 2},
-                "paths": {
-                    "models": str(tmp_path / f"models_{cached}"),
-                    "reports": str(tmp_path / f"r_{cached}"),
-                },
+                "paths": {"models": str(out / f"models_{cached}"), "reports": str(out / f"r_{cached}")},
             },
         )
         Path(run_cfg.paths.models).mkdir()
@@ -155,13 +145,31 @@ def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeli
         summary = finetune.run(run_cfg)
         assert summary["cached_activations"] is (cached and not augmented)
         assert summary.get("cached_validation", False) is cached
-        histories[cached] = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
+        history = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
+        runs[cached] = (summary, history, run_cfg)
+    return runs
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeline, tmp_path, augmented):
+    """Training (without augmentation) and validation (always) on activations cached at the
+    freeze boundary follow the same curves as running the whole network, and save an image
+    model whose validation loss is the one recorded."""
+    import keras
+
+    from src.data import arrays
+    from src.stages import evaluate
+
+    cfg, tmp, _ = pipeline
+    histories = {}
+    for cached, (_, history, run_cfg) in finetune_both_ways(cfg, tmp, tmp_path, augmented).items():
+        histories[cached] = history
         model = keras.saving.load_model(Path(run_cfg.paths.models) / "final.keras")
         assert model.input_shape == (None, 64, 64, 3)
         # the saved whole-network model scores the validation images as the best epoch did
         images, labels = arrays.load_images(run_cfg, "val")
         scores, _ = evaluate.score(model, images, labels, 2, 16)
-        best = histories[cached].loc[histories[cached].val_loss.idxmin()]
+        best = history.loc[history.val_loss.idxmin()]
         assert scores["accuracy"] == pytest.approx(best.val_accuracy, abs=1e-6)
     np.testing.assert_allclose(histories[True].val_loss, histories[False].val_loss, rtol=2e-3)
     np.testing.assert_allclose(histories[True].loss, histories[False].loss, rtol=2e-3)

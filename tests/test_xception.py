@@ -4,11 +4,9 @@ normalisation kept in inference mode while fine-tuning."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from src.config.checks import check_weights_file, validate
@@ -89,17 +87,11 @@ def test_fine_tuning_on_cached_boundary_activations_matches_the_whole_network(
     activations cached at the boundary, and follow the whole network's curves; batch
     normalisation statistics of the unfrozen block do not move."""
     import keras
-    from omegaconf import OmegaConf
 
-    from src.stages import finetune
+    from tests.test_stages import finetune_both_ways
 
     cfg, tmp, results = xception_pipeline
     assert results["extract"]["splits"]["train"]["images"] == 80
-    augment = (
-        {"flip": "horizontal", "rotation": 0.1, "zoom": 0.2}
-        if augmented
-        else {"flip": None, "rotation": 0.0, "zoom": 0.0}
-    )
     base = keras.applications.Xception(include_top=False, weights=cfg.model.weights, input_shape=(71, 71, 3))
     statistics = {
         "/".join(w.path.split("/")[-2:]): np.array(w)
@@ -108,33 +100,16 @@ def test_fine_tuning_on_cached_boundary_activations_matches_the_whole_network(
     }
     assert statistics
     histories = {}
-    for cached in (True, False):
-        run_cfg = OmegaConf.merge(
-            cfg,
-            {
-                "augment": augment,
-                "finetune": {"cached_activations": cached, "epochs": 2},
-                "paths": {
-                    "models": str(tmp_path / f"models_{cached}"),
-                    "reports": str(tmp_path / f"r_{cached}"),
-                },
-            },
-        )
-        Path(run_cfg.paths.models).mkdir()
-        shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
-        summary = finetune.run(run_cfg)
-        assert summary["cached_activations"] is (cached and not augmented)
-        assert summary.get("cached_validation", False) is cached
+    for cached, (summary, history, run_cfg) in finetune_both_ways(cfg, tmp, tmp_path, augmented).items():
+        histories[cached] = history
         assert summary["unfrozen"] == [
             "block14_sepconv1",
             "block14_sepconv1_act",
             "block14_sepconv2",
             "block14_sepconv2_act",
         ]
-        histories[cached] = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
         model = keras.saving.load_model(Path(run_cfg.paths.models) / "final.keras", compile=False)
-        trained = model.get_layer("xception")
-        for weight in trained.non_trainable_weights:  # moving means and variances, in inference mode
+        for weight in model.get_layer("xception").non_trainable_weights:  # moving means and variances
             name = "/".join(weight.path.split("/")[-2:])
             if name in statistics:
                 np.testing.assert_array_equal(np.array(weight), statistics[name])

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.paths import REPO_ROOT, resolve_input, resolve_path
-from src.config.schema import BACKBONES, typed
+from src.config.schema import BACKBONES, EXPORT_FORMATS, typed
 from src.errors import ConfigError
 from src.outputs.folders import made_here
 
@@ -301,6 +301,13 @@ def validate(cfg: DictConfig) -> DictConfig:
     if any(u < 1 for u in cfg.head.units):
         raise _bad(
             "head.units", list(cfg.head.units), "must be a list of positive integers, e.g. [256] (or [])"
+        )
+    unknown = [f for f in cfg.export.formats if f not in EXPORT_FORMATS]
+    if unknown or len(set(cfg.export.formats)) != len(cfg.export.formats):
+        raise _bad(
+            "export.formats",
+            list(cfg.export.formats),
+            f"a list of distinct formats of {list(EXPORT_FORMATS)}",
         )
     _check_model(cfg)
     check_output_paths(cfg)

@@ -193,6 +193,16 @@ class EvaluateConfig:
     temperature_scaling: bool = False
 
 
+EXPORT_FORMATS = ("onnx", "tflite_float", "tflite_int8")  # see src/exporting/
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    representative_images: int = field(default=200, metadata=_allowed(min=1, max=100000))
+    latency_runs: int = field(default=100, metadata=_allowed(min=1, max=100000))
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True
@@ -223,6 +233,7 @@ class PipelineConfig:
     augment: AugmentConfig = MISSING
     train: TrainConfig = MISSING
     evaluate: EvaluateConfig = MISSING
+    export: ExportConfig = MISSING
     tracking: TrackingConfig = MISSING
 
 
@@ -233,6 +244,7 @@ GROUPS: dict[str, type] = {
     "augment": AugmentConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
     "tracking": TrackingConfig,
     "paths": PathsConfig,
     "backbone": BackboneConfig,
