@@ -18,11 +18,37 @@ INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 FLOAT_SIGNATURE = "float_pixels"
 
 
+def _float32_config(node: object) -> object:
+    """A model config with every mixed-precision dtype policy made float32."""
+    if isinstance(node, dict):
+        policy = node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy")
+        if policy and str(node.get("config", {}).get("name", "")).startswith("mixed_"):
+            return {**node, "config": {**node["config"], "name": "float32"}}
+        return {key: _float32_config(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_float32_config(value) for value in node]
+    return node
+
+
+def float32_model(model):
+    """`model` computing in float32: a model trained in mixed precision (bfloat16 or float16
+    compute, float32 variables) rebuilt from its config with float32 policies and the same
+    weights. Converters and device runtimes get plain float32 graphs."""
+    config = model.get_config()
+    plain = _float32_config(config)
+    if plain == config:
+        return model
+    rebuilt = type(model).from_config(plain)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
 def inference_model(model):
-    """`model` without its augmentation layers (identity at inference, but random ops that
-    device runtimes lack): the graph from the augmentation block's output on."""
+    """`model` in float32 without its augmentation layers (identity at inference, but random
+    ops that device runtimes lack): the graph from the augmentation block's output on."""
     import keras
 
+    model = float32_model(model)
     try:
         augmentation = model.get_layer("augmentation")
     except ValueError:

@@ -8,7 +8,8 @@ every class's probability out, preprocessing inside, augmentation left out), the
 `<stem>.json` naming its classes. Each conversion runs in a process of its own
 (`src.exporting.convert`); one that fails is reported with its reason and the others finish.
 
-Measured on the test split for each format: accuracy, agreement with the Keras model's class, the
+Measured on the test split for each format: accuracy, agreement with the class the Keras model
+gives in float32 (a model trained in mixed precision is rebuilt in float32 first), the
 largest probability difference, file size, and batch-1 latency (median and p95 over
 `export.latency_runs` runs, one thread and all threads) through onnxruntime or the LiteRT
 interpreter, beside Keras' own batch-1 latency in the same run. The summary
@@ -135,7 +136,8 @@ def run(cfg: DictConfig) -> dict:
     import keras
 
     model_dir = resolve_path(cfg.paths.models)
-    model = keras.saving.load_model(model_dir / "final.keras", compile=False)
+    trained = keras.saving.load_model(model_dir / "final.keras", compile=False)
+    model = device.float32_model(trained)  # what the converters read: the reference for each format
     classes = arrays.load_classes(cfg)
     size = int(model.input_shape[1])
     images, labels = arrays.load_images(cfg, "test")
@@ -153,7 +155,7 @@ def run(cfg: DictConfig) -> dict:
     built = folders.staging_dir(final)
     rows: dict[str, dict] = {}
     try:
-        device.save_saved_model(model, built / device.SAVED_MODEL)
+        device.save_saved_model(trained, built / device.SAVED_MODEL)
         with tempfile.TemporaryDirectory() as tmp:
             classes_file = Path(tmp) / "classes.json"
             classes_file.write_text(json.dumps(classes, ensure_ascii=False))
@@ -166,7 +168,12 @@ def run(cfg: DictConfig) -> dict:
                     rows[fmt] = {"error": problem}
                     continue
                 device.write_sidecar(out, classes, size, fmt)
-                rows[fmt] = measure_format(out, reference, images, labels, cfg.export.latency_runs)
+                try:
+                    rows[fmt] = measure_format(out, reference, images, labels, cfg.export.latency_runs)
+                except Exception as err:  # noqa: BLE001 - a file its runtime refuses is reported, not fatal
+                    said = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+                    log.warning("%s: the runtime could not run it: %s", fmt, said)
+                    rows[fmt] = {"error": f"{type(err).__name__}: {said[:500]}"}
         (built / "classes.json").write_text(json.dumps(classes, ensure_ascii=False) + "\n")
         folders.replace_dir(built, final)
     except BaseException:
