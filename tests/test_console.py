@@ -27,6 +27,19 @@ W0000 00:00:1795972852.7   14512 something.cc:10] a real warning
 NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "cpu_feature_guard", "cuInit")
 
 
+def test_retracing_warnings_of_new_models_are_dropped_other_tensorflow_warnings_kept(caplog):
+    import logging
+
+    console.quiet_libraries()
+    logger = logging.getLogger("tensorflow")
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        logger.warning(
+            "5 out of the last 6 calls to <function f> triggered tf.function retracing. Tracing is ..."
+        )
+        logger.warning("a real warning")
+    assert [r.getMessage() for r in caplog.records if r.name == "tensorflow"] == ["a real warning"]
+
+
 def test_start_up_notices_are_dropped_and_other_lines_kept():
     assert console.kept_lines(STARTUP, nvidia_driver=False) == [STARTUP.splitlines()[-1]]
     # with an NVIDIA driver a failed CUDA start is a real problem: shown

@@ -49,6 +49,20 @@ def quiet_libraries() -> None:
     mlflow_logger.propagate = True
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
+    tensorflow_logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _NewModelRetracing) for f in tensorflow_logger.filters):
+        tensorflow_logger.addFilter(_NewModelRetracing())
+
+
+class _NewModelRetracing(logging.Filter):
+    """Drops TensorFlow's "N out of the last M calls to <function> triggered tf.function
+    retracing" warning. TensorFlow counts traces per Python function, not per model, so a
+    process that builds several models (a sweep's jobs, the splits of extract, each fine-tuning
+    phase) traces the same function once per model and gets warned, though nothing retraces
+    needlessly: every model is traced once per input shape."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
 
 
 def kept_lines(text: str, nvidia_driver: bool | None = None) -> list[str]:
