@@ -90,10 +90,11 @@ def clean_outputs(cfg: DictConfig) -> list[Path]:
     return [path for folder in sorted(parents) for path in clean_stale(folder)]
 
 
-def recover(cfg: DictConfig, marks: Path = running.RUNNING_DIR) -> dict:
+def recover(cfg: DictConfig, marks: Path = running.RUNNING_DIR, clean: bool = True) -> dict:
     """Finish what killed stage processes left (their marks, see `src.outputs.running`): their
     MLflow runs ended as the stage would have ended them (`finish_crashed_runs`), their temp
-    folders removed, their marks cleared. Marks of stages still running are left alone."""
+    folders removed (unless `clean` is off: `main` leaves that to `timed_run`, which does it
+    next), their marks cleared. Marks of stages still running are left alone."""
     left = running.left_behind(marks)
     runs = [run_id for _, entry in left for run_id in entry.get("runs", [])]
     finished = {}
@@ -101,7 +102,7 @@ def recover(cfg: DictConfig, marks: Path = running.RUNNING_DIR) -> dict:
         from src.tracking import pipeline_run
 
         finished = pipeline_run.finish_crashed_runs(cfg, runs)
-    removed = clean_outputs(cfg)
+    removed = clean_outputs(cfg) if clean else []
     for path, _ in left:
         path.unlink(missing_ok=True)
     stages = [entry["stage"] for _, entry in left]
@@ -163,7 +164,7 @@ def main(
         if not summary:
             run(cfg)
             return
-        recover(cfg)
+        recover(cfg, clean=False)  # timed_run removes the temp folders next
         if tensorflow:
             console.start_tensorflow()
         with running.marked(name):
