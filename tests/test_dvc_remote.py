@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED, free_port, require_shared
+from tests.conftest import SHARED, VGG16_WEIGHTS, free_port, require_shared
 from tests.test_dvc_pipeline import copy_repo, ran_stages, run_queue, sh
 
 pytestmark = pytest.mark.slow
@@ -84,8 +84,17 @@ def origin(tmp_path_factory, s3_endpoint) -> dict:
 def test_a_fresh_clone_pulls_and_has_nothing_to_run(origin, remote, tmp_path):
     """`git clone` + `dvc pull` elsewhere, with `../shared` beside it: `dvc repro` runs no stage.
     The S3 keys come from the environment here; the local remote is the default `../dvc-storage`,
-    which this clone sees through a link, as it sees `../shared`."""
-    (tmp_path / "shared").symlink_to(SHARED)
+    which this clone sees through a link. The S3 clone sees `../shared` through a link too; the
+    other has its own copy of the data at another real path, which params.yaml and dvc.lock
+    name relatively, so nothing changes either."""
+    if remote == "s3":
+        (tmp_path / "shared").symlink_to(SHARED)
+    else:  # a teammate's own copy of the data, beside their clone
+        shutil.copytree(SHARED / "data" / "cats_vs_dogs", tmp_path / "shared" / "data" / "cats_vs_dogs")
+        (tmp_path / "shared" / "weights").mkdir()
+        shutil.copy2(VGG16_WEIGHTS, tmp_path / "shared" / "weights" / VGG16_WEIGHTS.name)
+        lock = (origin["repo"] / "dvc.lock").read_text()
+        assert "../shared/data/cats_vs_dogs" in lock and str(SHARED) not in lock
     (tmp_path / "dvc-storage").symlink_to(origin["repo"].parent / "dvc-storage")
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(origin["repo"]), str(clone))

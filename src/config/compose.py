@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.checks import masked, validate
-from src.config.paths import CONF_DIR, PARAMS_FILE, resolve_input
+from src.config.paths import CONF_DIR, PARAMS_FILE, REPO_ROOT, portable_input, resolve_input
 from src.config.schema import register as register_schema
 from src.errors import ConfigError
 from src.outputs.atomic import atomic_file
@@ -32,12 +32,20 @@ def _check_composition(root: DictConfig) -> None:
 
 def input_path(value: object, stand_in: str, *, _root_: DictConfig) -> str:
     """The file or folder DVC should hash for a configured input (`dataset.path`,
-    `model.weights`): the input itself, absolute, when it is a path; otherwise (`null`,
-    `imagenet`: nothing on disk to hash, the code that fetches or initialises it decides)
-    `stand_in`, a source file the stage depends on anyway. The whole config is validated first."""
+    `model.weights`): the input itself when it is a path; otherwise (`null`, `imagenet`:
+    nothing on disk to hash, the code that fetches or initialises it decides) `stand_in`, a
+    source file the stage depends on anyway. The whole config is validated first.
+
+    A relative path stays as written (`../shared/...`, a tracked folder of the repository) where
+    `portable_input` makes it reach the same data from DVC's experiment copies too, so that
+    params.yaml and dvc.lock read the same in every clone that keeps its data at the same
+    place; any other is given absolute."""
     _check_composition(_root_)
     if value in (None, "imagenet", "???"):
         return stand_in
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute() and (REPO_ROOT / path).exists() and portable_input(path):
+        return path.as_posix()
     return str(resolve_input(str(value)).resolve())
 
 
