@@ -16,7 +16,7 @@ import pytest
 from src.outputs import running
 from src.stages import stage
 from src.tracking import store
-from tests.test_dvc_pipeline import copy_repo, ran_stages, sh
+from tests.test_dvc_pipeline import CI, copy_repo, ran_stages, sh
 from tests.test_tracking_keys import scratch_cfg
 
 
@@ -128,7 +128,7 @@ def test_repro_after_kill_9_finishes_the_run_and_cleans_up_when_stages_come_from
 
     require_shared()
     repo = copy_repo(tmp_path)
-    sh(repo, "python", "-m", "src.params", "experiment=ci")
+    sh(repo, "python", "-m", "src.params", *CI)
     sh(repo, "dvc", "repro")
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("transfer-learning")

@@ -21,6 +21,14 @@ from tests.conftest import SHARED, VGG16_WEIGHTS, path_overrides, require_shared
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+# The `ci` preset without the export stage's conversions (about 50 s a run; tests/test_export.py,
+# tests/test_console.py and CI's own `dvc repro` export every format)
+CI = ("experiment=ci", "export.formats=[]")
+
+
+def set_ci() -> list[str]:
+    """`CI` as `dvc exp run -S` options."""
+    return [arg for override in CI for arg in ("-S", override)]
 
 
 def sh(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -84,7 +92,7 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
     from mlflow import MlflowClient
 
-    sh(repo, "python", "-m", "src.params", "experiment=ci")
+    sh(repo, "python", "-m", "src.params", *CI)
     first = sh(repo, "dvc", "repro")
     everything = {"recover", "download", "prepare", "extract", "train_head", "finetune", "evaluate", "export"}
     assert ran_stages(first) == everything
@@ -97,7 +105,7 @@ def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
     assert ran_stages(sh(repo, "dvc", "repro")) == set()
 
     # the head's dropout feeds train_head, finetune and evaluate only
-    sh(repo, "python", "-m", "src.params", "experiment=ci", "head.dropout=0.3")
+    sh(repo, "python", "-m", "src.params", *CI, "head.dropout=0.3")
     assert ran_stages(sh(repo, "dvc", "repro")) == {"train_head", "finetune", "evaluate", "export"}
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
@@ -117,7 +125,7 @@ def test_repro_ci_preset_caches_tracks_and_takes_exp_run_overrides(repo):
     assert not (repo / "outputs").exists()
 
     # `dvc exp run -S` composes conf/ with Hydra into params.yaml, and the stages see it
-    output = sh(repo, "dvc", "exp", "run", "-S", "experiment=ci", "-S", "head.dropout=0.25")
+    output = sh(repo, "dvc", "exp", "run", *set_ci(), "-S", "head.dropout=0.25")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["head"]["dropout"] == 0.25 and params["preset"] == "ci"
     assert ran_stages(output) == {"train_head", "finetune", "evaluate", "export"}
@@ -158,7 +166,7 @@ def test_queued_experiments_run_in_temp_copies_and_log_to_the_project_store(repo
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("transfer-learning")
     before = len(client.search_runs([experiment.experiment_id]))
-    queued = sh(repo, "dvc", "exp", "run", "--queue", "-S", "experiment=ci", "-S", "finetune.layers=0,2")
+    queued = sh(repo, "dvc", "exp", "run", "--queue", *set_ci(), "-S", "finetune.layers=0,2")
     assert queued.count("Queued experiment") == 2, queued
     status = run_queue(repo)
     assert status.count("Success") >= 2, status
@@ -194,7 +202,7 @@ def test_content_changes_rerun_what_reads_them_and_outputs_over_data_are_refused
         "python",
         "-m",
         "src.params",
-        "experiment=ci",
+        *CI,
         f"dataset.path={images}",
         f"model.weights={weights}",
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED, VGG16_WEIGHTS, free_port, require_shared
-from tests.test_dvc_pipeline import copy_repo, ran_stages, run_queue, sh
+from tests.test_dvc_pipeline import CI, copy_repo, ran_stages, run_queue, set_ci, sh
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def origin(tmp_path_factory, s3_endpoint) -> dict:
     run-cache) to the S3 remote and to the default local remote `../dvc-storage`."""
     require_shared()
     repo = copy_repo(tmp_path_factory.mktemp("origin"))
-    sh(repo, "python", "-m", "src.params", "experiment=ci")
+    sh(repo, "python", "-m", "src.params", *CI)
     start = time.perf_counter()
     assert len(ran_stages(sh(repo, "dvc", "repro"))) == 8  # seven stages, and recover (no lock entry yet)
     times = {"repro": time.perf_counter() - start}
@@ -125,7 +125,7 @@ def test_queued_head_experiment_reuses_prepare_and_extract_from_dvc(origin):
     download, prepare and extract come from DVC's cache (checked out or from the run-cache)."""
     repo: Path = origin["repo"]
     name = "head-epochs-2"
-    overrides = ("-S", "experiment=ci", "-S", "head.epochs=2")
+    overrides = (*set_ci(), "-S", "head.epochs=2")
     queued = sh(repo, "dvc", "exp", "run", "--queue", "-n", name, *overrides)
     assert "Queued experiment" in queued, queued
     status = run_queue(repo)

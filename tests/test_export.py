@@ -88,3 +88,14 @@ def test_golden_photos_get_the_same_class_from_keras_the_pyfunc_onnx_and_litert(
     pyfunc_model.save_model(str(tmp_path / "pyfunc"), Model(), keras_model=keras_model, classes=classes)
     frame = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict([str(p) for p in GOLDEN])
     assert list(frame["class"]) == [reference[str(p)][0] for p in GOLDEN]
+
+
+def test_an_empty_format_list_turns_exporting_off_and_still_writes_the_stage_outputs(exported, tmp_path):
+    cfg = exported[0].copy()
+    cfg.export.formats = []
+    cfg.paths.models, cfg.paths.reports = str(tmp_path / "models"), str(tmp_path / "reports")
+    summary = stage.timed_run("export", export.run, cfg)
+    assert summary["formats"] == {}
+    written = [p.name for p in (tmp_path / "models" / "export").iterdir() if not p.name.startswith(".")]
+    assert written == ["classes.json"]  # beside the folder's marker
+    assert json.loads((tmp_path / "reports" / "export.json").read_text())["formats"] == {}

@@ -5,7 +5,8 @@ images, and `<paths.reports>/evaluate.json` (the MLflow run the model was logged
 `<paths.models>/export/`: `saved_model/` (the device model: uint8 pixels at the input size in,
 every class's probability out, preprocessing inside, augmentation left out), then each format of
 `export.formats` (`model.onnx`, `model_float.tflite`, `model_int8.tflite`), each with a side-car
-`<stem>.json` naming its classes. Each conversion runs in a process of its own
+`<stem>.json` naming its classes; `export.formats=[]` turns exporting off (the folder then holds
+only `classes.json`). Each conversion runs in a process of its own
 (`src.exporting.convert`); one that fails is reported with its reason and the others finish.
 
 Measured on the test split for each format: accuracy, agreement with the class the Keras model
@@ -128,14 +129,26 @@ def log_to_mlflow(cfg: DictConfig, export_dir: Path, result: dict) -> str | None
     return run_id
 
 
+def turned_off(cfg: DictConfig, final: Path) -> dict:
+    """`export.formats=[]`: no SavedModel, no conversion, nothing logged; the outputs DVC
+    expects are written all the same (the folder holding only `classes.json`)."""
+    built = folders.staging_dir(final)
+    (built / "classes.json").write_text(json.dumps(arrays.load_classes(cfg), ensure_ascii=False) + "\n")
+    folders.replace_dir(built, final)
+    log.info("export.formats is empty: nothing exported (set export.formats=[onnx,tflite_float,tflite_int8])")
+    return {"formats": {}}
+
+
 @stage.reads(
     "export", "seed", "train.batch_size", "tracking", "paths.models", "paths.prepared", "paths.reports"
 )
 def run(cfg: DictConfig) -> dict:
     """Export the final model to each format, measure each on the test split."""
+    model_dir = resolve_path(cfg.paths.models)
+    if not cfg.export.formats:
+        return turned_off(cfg, model_dir / EXPORT_DIR)
     import keras
 
-    model_dir = resolve_path(cfg.paths.models)
     trained = keras.saving.load_model(model_dir / "final.keras", compile=False)
     model = device.float32_model(trained)  # what the converters read: the reference for each format
     classes = arrays.load_classes(cfg)
