@@ -125,3 +125,33 @@ def test_repro_log_is_plain_and_help_changes_nothing(tmp_path):
         )
     assert snapshot(repo) == before
     assert "up to date" in sh(repo, "dvc", "status")
+
+
+DOWNLOAD = """
+import sys, mlflow
+from src.outputs import console
+console.setup_logging()
+store, folder = sys.argv[1], sys.argv[2]
+mlflow.set_tracking_uri(store)
+with mlflow.start_run() as run:
+    mlflow.log_artifacts(folder, "files")
+mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="files", dst_path=folder + "-back")
+print("downloaded", file=sys.stderr)
+"""
+
+
+def test_mlflow_artifact_transfers_into_a_file_show_no_progress_bar(tmp_path):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (folder / name).write_text(name)
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-c", DOWNLOAD, f"sqlite:///{tmp_path / 'mlflow.db'}", str(folder)],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )  # fmt: skip
+    text = log.read_text()
+    assert done.returncode == 0 and text.rstrip().endswith("downloaded"), text
+    assert "\r" not in text and "Downloading artifacts" not in text, repr(text[-2000:])

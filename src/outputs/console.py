@@ -43,6 +43,8 @@ def quiet_libraries() -> None:
     otherwise add a handler and format of its own); TensorFlow's C++ INFO lines off."""
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # for an MLflow imported later
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # warnings and errors stay
+    if not is_terminal():  # MLflow's artifact progress bars: carriage returns in a log file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow_logger = logging.getLogger("mlflow")
     for handler in list(mlflow_logger.handlers):  # from an MLflow imported already
         mlflow_logger.removeHandler(handler)
