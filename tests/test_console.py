@@ -133,6 +133,7 @@ from src.outputs import console
 console.setup_logging()
 store, folder = sys.argv[1], sys.argv[2]
 mlflow.set_tracking_uri(store)
+mlflow.set_experiment("transfers")
 with mlflow.start_run() as run:
     mlflow.log_artifacts(folder, "files")
 mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="files", dst_path=folder + "-back")
@@ -146,11 +147,12 @@ def test_mlflow_artifact_transfers_into_a_file_show_no_progress_bar(tmp_path):
     for name in ("a.txt", "b.txt", "c.txt"):
         (folder / name).write_text(name)
     log = tmp_path / "log.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     with log.open("w") as out:
         done = subprocess.run(
             [sys.executable, "-c", DOWNLOAD, f"sqlite:///{tmp_path / 'mlflow.db'}", str(folder)],
             cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            env={**env, "PYTHONPATH": str(REPO_ROOT)},
         )  # fmt: skip
     text = log.read_text()
     assert done.returncode == 0 and text.rstrip().endswith("downloaded"), text
