@@ -157,3 +157,17 @@ def test_mlflow_artifact_transfers_into_a_file_show_no_progress_bar(tmp_path):
     text = log.read_text()
     assert done.returncode == 0 and text.rstrip().endswith("downloaded"), text
     assert "\r" not in text and "Downloading artifacts" not in text, repr(text[-2000:])
+
+
+def test_a_module_run_with_dash_m_logs_under_its_own_name(tmp_path):
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "__init__.py").write_text("")
+    (tmp_path / "tools" / "hello.py").write_text(
+        "import logging\nfrom src.outputs import console\n"
+        "console.setup_logging()\nlogging.getLogger(__name__).info('hello')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.hello"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"},
+    )  # fmt: skip
+    assert done.returncode == 0 and re.search(r"INFO tools\.hello: hello$", done.stderr.strip()), done.stderr

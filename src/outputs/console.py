@@ -35,7 +35,21 @@ def setup_logging() -> None:
     the project, WARNING for chatty libraries. A process that set up logging already (a test
     runner, an application calling `main`) keeps its own handlers."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=DATE_FORMAT)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _ModuleName) for f in handler.filters):
+            handler.addFilter(_ModuleName())
     quiet_libraries()
+
+
+class _ModuleName(logging.Filter):
+    """Names the module run with `python -m` by its own name (`src.stages.evaluate`), as its
+    lines read when it is imported, rather than `__main__`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "__main__":
+            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+            record.name = spec.name if spec is not None else record.name
+        return True
 
 
 def quiet_libraries() -> None:
