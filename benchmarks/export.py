@@ -54,24 +54,14 @@ def export_config(preset: str, folder: Path, weights: str | None, work: Path, ex
 
 def lines(result: dict) -> list[str]:
     """The markdown table and the ratios."""
+    from src.stages.export import FIGURE_COLUMNS, figure_rows
+
     keras_row, rows = result["keras"], result["formats"]
     out = [
-        "| format | MB | test accuracy | agreement | max abs prob. diff "
-        "| ms 1 thread (p50/p95) | ms all threads (p50/p95) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| keras | | {keras_row['accuracy']:.4f} | 1 | 0 | | {keras_row['latency']['median_ms']:.2f}/"
-        f"{keras_row['latency']['p95_ms']:.2f} |",
+        "| " + " | ".join(FIGURE_COLUMNS) + " |",
+        "|---" + "|---:" * (len(FIGURE_COLUMNS) - 1) + "|",
+        *("| " + " | ".join(row) + " |" for row in figure_rows(keras_row, rows)),
     ]
-    for fmt, row in rows.items():
-        if "error" in row:
-            out.append(f"| {fmt} | failed: {row['error']} | | | | | |")
-            continue
-        one, every = row["latency_one_thread"], row["latency_all_threads"]
-        out.append(
-            f"| {fmt} | {row['size_bytes'] / 1e6:.2f} | {row['accuracy']:.4f} | {row['agreement']:.4f} | "
-            f"{row['max_probability_difference']:.2g} | {one['median_ms']:.2f}/{one['p95_ms']:.2f} | "
-            f"{every['median_ms']:.2f}/{every['p95_ms']:.2f} |"
-        )
     floating, int8 = rows.get("tflite_float", {}), rows.get("tflite_int8", {})
     if "size_bytes" in floating and "size_bytes" in int8:
         out += [

@@ -36,7 +36,7 @@ def _frozen(saved_model: Path, signature: str):
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     loaded = tf.saved_model.load(str(saved_model))
-    return convert_variables_to_constants_v2(loaded.signatures[signature]), loaded
+    return convert_variables_to_constants_v2(loaded.signatures[signature])
 
 
 def to_onnx(saved_model: Path, out: Path, classes: list[str]) -> None:
@@ -62,10 +62,10 @@ def to_tflite(saved_model: Path, out: Path, representative: np.ndarray | None) -
     import tensorflow as tf
 
     if representative is None:
-        function, _ = _frozen(saved_model, "serving_default")
+        function = _frozen(saved_model, "serving_default")
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
     else:
-        function, _ = _frozen(saved_model, FLOAT_SIGNATURE)
+        function = _frozen(saved_model, FLOAT_SIGNATURE)
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: (
