@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from src.config.paths import REPO_ROOT
 from src.outputs.atomic import atomic_file
 
 # What DVC's page loads from its CDN (dvc_render's VegaRenderer.SCRIPTS): name, version and the
@@ -51,7 +52,6 @@ PACKAGES = (
         "sha512-wcDyQPE4J5aiCDc3/suH5RQDvrKkjuLkhzUcbOLwEkNF8/+pp17tS0JghzEvAPNRg+5aG1/N2ydixq8Lk3dOlg==",
     ),
 )
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = REPO_ROOT / ".pipeline" / "plots"  # ignored by git
 TEMPLATE_NAME = "plots_offline.html"
 # what DVC fills in a template; `{scripts}`, the CDN script tags, is left out on purpose
