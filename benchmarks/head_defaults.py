@@ -1,13 +1,15 @@
 """Benchmark: which dense-head settings do well on folders nobody tuned for.
 
     python benchmarks/head_defaults.py [--size 180] [--work DIR] [--variants current,gap_adam]
+    python benchmarks/head_defaults.py --models vgg16,xception --variants default   # which backbone
 
 `dataset=folder` with its defaults is what a user with a folder of photos runs. This script
-prepares and extracts each shared dataset once as such a folder (VGG16 ImageNet features at
-`--size` px, the default `dataset.split`), plus small random subsets of them, then trains each
-head variant on the cached features and scores it on the held-out test split (head only, as the
-train_head stage keeps its best val_loss epoch). Prints one table of test accuracies, the
-best epoch of each run, and each variant's mean and worst accuracy across the datasets.
+prepares and extracts each shared dataset once as such a folder (ImageNet features of each of
+`--models` at `--size` px, the default `dataset.split`), plus small random subsets of them, then
+trains each head variant on the cached features and scores it on the held-out test split (head
+only, as the train_head stage keeps its best val_loss epoch). Prints one table of test
+accuracies, the best epoch of each run, and each backbone and variant's mean and worst accuracy
+across the datasets, with the seconds each backbone's extraction took.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("TL_SHARED_DIR", REPO.parent / "shared")).resolve()
-WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
+WEIGHTS = {
+    "vgg16": SHARED / "weights" / "vgg16_imagenet_notop.weights.h5",
+    # built once with ../shared/weights/xception_imagenet_notop.sh (see README, Offline use)
+    "xception": Path(
+        os.environ.get(
+            "TL_XCEPTION_WEIGHTS", REPO / "data" / "weights" / "xception_imagenet_notop.weights.h5"
+        )
+    ),
+}
 
 # name -> (folder, extra dataset overrides)
 DATASETS = {
@@ -47,8 +57,10 @@ def head(pooling: str, units: str, dropout: float, optimizer: str, lr: float, ep
     ]
 
 
-# name -> head overrides; `current` is conf/head/dense.yaml as it stood before this benchmark
+# name -> head overrides; `default` is conf/head/dense.yaml as it stands, `current` as it stood
+# before this benchmark
 VARIANTS = {
+    "default": [],
     "current": head("flatten", "[256]", 0.5, "rmsprop", 1e-3, 20),
     "flatten_lr1e-4": head("flatten", "[256]", 0.5, "rmsprop", 1e-4, 30),
     "gap_rmsprop": head("avg", "[256]", 0.5, "rmsprop", 1e-3, 30),
@@ -57,21 +69,23 @@ VARIANTS = {
 }
 
 
-def features_for(name: str, work: Path, size: int):
-    """The config of dataset `name` prepared and extracted under `work/name` (once)."""
+def features_for(name: str, work: Path, size: int, model: str = "vgg16"):
+    """The config of dataset `name` prepared and extracted with `model` under `work/model/name`
+    (once; VGG16's under `work/name`, where earlier runs of this script left them)."""
     from src.config.checks import validate
     from src.config.compose import compose
     from src.stages import download, extract, prepare, stage
 
     folder, extra = DATASETS[name]
-    out = work / name
+    out = work / name if model == "vgg16" else work / model / name
     cfg = validate(
         compose(
             [
                 "dataset=folder",
                 f"dataset.path={folder}",
                 f"dataset.image_size={size}",
-                f"model.weights={WEIGHTS}",
+                f"model={model}",
+                f"model.weights={WEIGHTS[model]}",
                 "tracking.enabled=false",
                 *[
                     f"paths.{k}={out / k}"
@@ -114,30 +128,35 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep prepared data and features here, for reruns")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--models", default="vgg16", help=f"backbones, of {','.join(WEIGHTS)}")
     args = parser.parse_args()
-    names, variants = args.datasets.split(","), args.variants.split(",")
+    names, variants, models = args.datasets.split(","), args.variants.split(","), args.models.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        results: dict[tuple[str, str], tuple[float, int]] = {}
-        for name in names:
-            start = time.perf_counter()
-            cfg = features_for(name, work, args.size)
-            print(f"{name}: features ready in {time.perf_counter() - start:.0f} s", flush=True)
-            for variant in variants:
-                results[(name, variant)] = score_head(cfg, VARIANTS[variant])
-                acc, epoch = results[(name, variant)]
-                print(f"  {variant}: test {100 * acc:.2f}% (best epoch {epoch})", flush=True)
-    print(f"\nhead-only test accuracy, VGG16 features at {args.size} px, dataset=folder defaults\n")
-    print("| variant | " + " | ".join(names) + " | mean | worst |")
-    print("|---|" + "---:|" * (len(names) + 2))
-    for variant in variants:
-        accs = [results[(n, variant)][0] for n in names]
-        cells = [f"{100 * a:.1f}% (ep {results[(n, variant)][1]})" for n, a in zip(names, accs)]
-        print(
-            f"| {variant} | "
-            + " | ".join(cells)
-            + f" | {100 * np.mean(accs):.1f}% | {100 * min(accs):.1f}% |"
-        )
+        results: dict[tuple[str, str, str], tuple[float, int]] = {}
+        seconds = dict.fromkeys(models, 0.0)
+        for model in models:
+            for name in names:
+                start = time.perf_counter()
+                cfg = features_for(name, work, args.size, model)
+                seconds[model] += time.perf_counter() - start
+                print(f"{model} {name}: features ready in {time.perf_counter() - start:.0f} s", flush=True)
+                for variant in variants:
+                    results[(model, name, variant)] = score_head(cfg, VARIANTS[variant])
+                    acc, epoch = results[(model, name, variant)]
+                    print(f"  {variant}: test {100 * acc:.2f}% (best epoch {epoch})", flush=True)
+    print(f"\nhead-only test accuracy, ImageNet features at {args.size} px, dataset=folder defaults\n")
+    print("| backbone | variant | " + " | ".join(names) + " | mean | worst | features s |")
+    print("|---|---|" + "---:|" * (len(names) + 3))
+    for model in models:
+        for variant in variants:
+            accs = [results[(model, n, variant)][0] for n in names]
+            cells = [f"{100 * a:.1f}% (ep {results[(model, n, variant)][1]})" for n, a in zip(names, accs)]
+            print(
+                f"| {model} | {variant} | "
+                + " | ".join(cells)
+                + f" | {100 * np.mean(accs):.1f}% | {100 * min(accs):.1f}% | {seconds[model]:.0f} |"
+            )
 
 
 if __name__ == "__main__":
