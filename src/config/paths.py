@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -56,15 +57,17 @@ def portable_input(path: Path, root: Path = REPO_ROOT) -> bool:
       real path), through which the same relative path leads to the same data. Refused when
       the name is one DVC uses there or something else already holds it.
     - Deeper (`../../data`): no; absolute."""
-    parts = path.parts
-    ups = len(parts) - len(tuple(p for p in parts if p != ".."))
-    if any(p == ".." for p in parts[ups:]) or len(parts) == ups:
-        return False  # `a/../b` or `..` alone: not a plain location
+    ups = len(list(itertools.takewhile(lambda part: part == "..", path.parts)))
+    rest = path.parts[ups:]
+    if not rest or ".." in rest:
+        return False  # `..` alone or `a/../b`: not a plain location
     if ups == 0:
         return tracked(path, root)
-    if ups > 1 or not (root / ".dvc").is_dir():
-        return ups == 1  # no DVC here, so no experiment copies to reach from
-    name = parts[1]
+    if ups > 1:
+        return False
+    if not (root / ".dvc").is_dir():
+        return True  # no DVC here, so no experiment copies to reach from
+    name = rest[0]
     if name in DVC_OWN_NAMES or name.startswith("tmp"):
         return False
     target = (root.parent / name).resolve()

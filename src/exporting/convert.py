@@ -61,12 +61,9 @@ def to_onnx(saved_model: Path, out: Path, classes: list[str]) -> None:
 def to_tflite(saved_model: Path, out: Path, representative: np.ndarray | None) -> None:
     import tensorflow as tf
 
-    if representative is None:
-        function = _frozen(saved_model, "serving_default")
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
-    else:
-        function = _frozen(saved_model, FLOAT_SIGNATURE)
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
+    signature = "serving_default" if representative is None else FLOAT_SIGNATURE
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([_frozen(saved_model, signature)])
+    if representative is not None:  # full-integer int8, calibrated on these images
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: (
             [representative[i : i + 1].astype(np.float32)] for i in range(len(representative))
