@@ -21,7 +21,7 @@ import pytest
 from src.experiments import SHOWN_METRICS, drop_pattern
 from src.offline_plots import PACKAGES, Library, OfflinePlotsError, fetch, integrity, library, template
 from tests.conftest import require_shared
-from tests.test_dvc_pipeline import copy_repo, run_queue, sh
+from tests.test_dvc_pipeline import copy_repo, run_queue, set_ci, sh
 
 WIDTH = 160  # the terminal the experiments table must fit
 DROPOUTS = ("0.2", "0.3", "0.4")
@@ -172,11 +172,11 @@ def test_a_library_holding_a_dvc_placeholder_is_refused():
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A fresh copy of the repository (params.yaml of the default preset, no dvc.lock committed)
-    with three queued experiments of the ci preset run, one per head dropout."""
+    with three queued experiments of the ci preset run (exporting off), one per head dropout."""
     require_shared()
     repo = copy_repo(tmp_path_factory.mktemp("views"))
     for dropout in DROPOUTS:
-        sh(repo, "dvc", "exp", "run", "--queue", "-S", "experiment=ci", "-S", f"head.dropout={dropout}")
+        sh(repo, "dvc", "exp", "run", "--queue", *set_ci(), "-S", f"head.dropout={dropout}")
     status = run_queue(repo)
     assert status.count("Success") == len(DROPOUTS), status
     return repo

@@ -115,3 +115,28 @@ def test_fine_tuning_on_cached_boundary_activations_matches_the_whole_network(
                 np.testing.assert_array_equal(np.array(weight), statistics[name])
     np.testing.assert_allclose(histories[True].val_loss, histories[False].val_loss, rtol=2e-3)
     np.testing.assert_allclose(histories[True].loss, histories[False].loss, rtol=2e-3)
+
+
+@pytest.mark.parametrize("batchnorm, moves", [("frozen", False), ("adapt", True)])
+def test_batch_normalisation_of_the_unfrozen_top_trains_only_when_asked_to_adapt(batchnorm, moves):
+    """`finetune.batchnorm=adapt`: the unfrozen block's batch normalisation trains (scale, offset
+    and moving statistics change in a fit step); frozen (the default), none of it moves."""
+    import keras
+
+    from src.models import networks
+
+    keras.utils.set_random_seed(0)
+    cfg = compose(["model=xception", "model.weights=null", "augment=none", f"finetune.batchnorm={batchnorm}"])
+    base = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3))
+    head = networks.head(cfg.head, base.output_shape[1:], 2)
+    model = networks.full_model(base, head, cfg.model, cfg.augment, cfg.seed)
+    unfrozen = networks.unfreeze_top(base, 6, cfg.finetune.batchnorm)
+    assert ("block14_sepconv1_bn" in unfrozen) == moves
+    assert base.get_layer("block13_sepconv1_bn").trainable is False  # below the cut: frozen either way
+    bn = base.get_layer("block14_sepconv2_bn")
+    before = [np.array(w) for w in bn.weights]  # gamma, beta, moving mean, moving variance
+    networks.compile_model(model, 2, "adam", 1e-2)
+    images = np.random.default_rng(0).uniform(0, 255, (8, 71, 71, 3)).astype("float32")
+    model.fit(images, np.array([0, 1] * 4), batch_size=8, epochs=1, verbose=0)
+    changed = [not np.allclose(np.array(w), b) for w, b in zip(bn.weights, before)]
+    assert changed == [moves] * 4, [w.path for w in bn.weights]

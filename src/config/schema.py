@@ -164,6 +164,9 @@ class FinetuneConfig:
     epochs: int = field(default=10, metadata=_allowed(min=0))
     batch_size: int = field(default=32, metadata=_allowed(min=1))
     cached_activations: bool = True
+    # frozen: batch normalisation of the unfrozen top keeps its ImageNet statistics (inference mode);
+    # adapt: it trains, its statistics following new images far from ImageNet's (small upscaled signs)
+    batchnorm: str = field(default="frozen", metadata=_allowed(choices=("frozen", "adapt")))
 
 
 @dataclass

@@ -252,13 +252,15 @@ def split_at(base, n_top: int):
     return bottom, top
 
 
-def unfreeze_top(base, n_layers: int) -> list[str]:
+def unfreeze_top(base, n_layers: int, batchnorm: str = "frozen") -> list[str]:
     """Make only the last `n_layers` layers of the base trainable, batch normalisation layers
-    excepted; return the names of those made trainable.
+    excepted unless `batchnorm` is "adapt"; return the names of those made trainable.
 
-    Batch normalisation stays frozen, so it runs in inference mode with its ImageNet statistics
-    (Keras' transfer-learning guide): `base(x, training=False)` alone does not keep it there,
-    since a functional model passes its own `training` on to every layer it calls."""
+    Frozen batch normalisation runs in inference mode with its ImageNet statistics (Keras'
+    transfer-learning guide): `base(x, training=False)` alone does not keep it there, since a
+    functional model passes its own `training` on to every layer it calls. With "adapt" the
+    unfrozen top's batch normalisation trains like any layer: batch statistics while fitting,
+    moving statistics following the new images, for images far from ImageNet's."""
     keras = _keras()
     layers = base.layers[1:]  # skip the InputLayer: counting starts at the first conv layer
     base.trainable = True
@@ -266,7 +268,7 @@ def unfreeze_top(base, n_layers: int) -> list[str]:
         layer.trainable = False
     top = layers[len(layers) - n_layers :] if n_layers else []
     for layer in top:
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, keras.layers.BatchNormalization) and batchnorm != "adapt":
             layer.trainable = False  # inference mode: moving statistics used, never updated
     return [layer.name for layer in top if layer.trainable]
 

@@ -4,7 +4,8 @@ end to end on images with augmentation at a low learning rate.
 `finetune.layers` counts Keras layers of the base after its input, pooling included: for
 VGG16, 4 = block 5 (three convs and the pool), 8 = blocks 4 and 5. With 0 (or a model
 trained from scratch) nothing is trained: the assembled model is passed on unchanged.
-BatchNorm layers of the base stay in inference mode (the base is called with training=False).
+BatchNorm layers of the base stay in inference mode with their ImageNet statistics, unless
+`finetune.batchnorm=adapt` lets those of the unfrozen top train on the new images.
 Writes `<paths.models>/final.keras` (image in, probabilities out) and
 `<paths.reports>/finetune/history.csv`.
 """
@@ -64,7 +65,7 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
     ft = cfg.finetune
     base = networks.conv_base(cfg.model, cfg.dataset.image_size)
     model = networks.full_model(base, head_model, cfg.model, cfg.augment, cfg.seed)
-    unfrozen = networks.unfreeze_top(base, ft.layers)
+    unfrozen = networks.unfreeze_top(base, ft.layers, ft.batchnorm)
     epochs = ft.epochs if ft.layers > 0 else 0
     log.info("unfrozen layers (%d): %s", len(unfrozen), ", ".join(unfrozen) or "none")
     n_train = len(arrays.load_images(cfg, "train")[1])
