@@ -100,6 +100,25 @@ def test_every_preset_composes_and_validates(preset):
         validate(cfg)
 
 
+@pytest.mark.parametrize(
+    "overrides, size",
+    [
+        ([], 224),  # VGG16's own
+        (["model=xception", "model.weights=null"], 299),  # Xception's own
+        (["dataset=folder", "dataset.path=/tmp", "model=xception", "model.weights=null"], 299),
+        (["dataset=flowers", "model=resnet50", "model.weights=null"], 224),
+        (["model=small_cnn"], 180),
+        (["dataset=gtsrb"], 64),  # the dataset's own size wins over VGG16's
+        (["model=xception", "model.weights=null", "dataset.image_size=160"], 160),  # and the user's
+        (["experiment=xception_gtsrb"], 128),  # and a preset's
+    ],
+)
+def test_the_image_size_is_the_models_own_unless_the_dataset_preset_or_user_sets_one(overrides, size):
+    cfg = compose(overrides)
+    assert cfg.dataset.image_size == size
+    assert f"image_size: {size}" in to_yaml(cfg)  # resolved in params.yaml: DVC sees the number
+
+
 def test_presets_encode_their_recipes():
     dlwp = compose(["experiment=dlwp_cats_vs_dogs"])
     assert (dlwp.dataset.image_size, list(dlwp.head.units), dlwp.head.pooling) == (224, [256], "avg")

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional  # noqa: UP035 - OmegaConf reads Optional[...] annotations
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.errors import ConfigError
@@ -111,7 +111,8 @@ class LimitConfig:
 class DatasetConfig:
     name: str = field(default=MISSING, metadata=_allowed(choices=DATASETS))
     path: Optional[str] = None  # noqa: UP045
-    image_size: int = field(default=224, metadata=_allowed(min=8, max=MAX_IMAGE_SIZE))
+    # the model's own input size unless the dataset or preset sets one (model.image_size)
+    image_size: int = field(default=II("model.image_size"), metadata=_allowed(min=8, max=MAX_IMAGE_SIZE))
     test_labels_csv: Optional[str] = None  # noqa: UP045
     unknown_labels: str = field(default="error", metadata=_allowed(choices=("error", "drop")))
     leakage: str = field(default="warn", metadata=_allowed(choices=("warn", "drop")))
@@ -126,6 +127,8 @@ class BackboneConfig:
 
     name: str = field(default=MISSING, metadata=_allowed(choices=tuple(BACKBONES)))
     weights: Optional[str] = "imagenet"  # noqa: UP045 - imagenet | null | a .weights.h5 path
+    # the size its ImageNet weights were trained at: dataset.image_size unless a dataset sets its own
+    image_size: int = field(default=224, metadata=_allowed(min=8, max=MAX_IMAGE_SIZE))
 
 
 @dataclass
@@ -134,6 +137,7 @@ class ScratchCNNConfig:
 
     name: str = field(default=MISSING, metadata=_allowed(choices=SCRATCH_MODELS))
     weights: Optional[str] = None  # noqa: UP045
+    image_size: int = field(default=180, metadata=_allowed(min=8, max=MAX_IMAGE_SIZE))  # dataset's default
     filters: list[int] = field(default_factory=lambda: [32, 64, 128])
     convs_per_block: int = field(default=2, metadata=_allowed(min=1))
     batchnorm: bool = True
