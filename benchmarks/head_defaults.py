@@ -5,11 +5,12 @@
 
 `dataset=folder` with its defaults is what a user with a folder of photos runs. This script
 prepares and extracts each shared dataset once as such a folder (ImageNet features of each of
-`--models` at `--size` px, the default `dataset.split`), plus small random subsets of them, then
-trains each head variant on the cached features and scores it on the held-out test split (head
-only, as the train_head stage keeps its best val_loss epoch). Prints one table of test
-accuracies, the best epoch of each run, and each backbone and variant's mean and worst accuracy
-across the datasets, with the seconds each backbone's extraction took.
+`--models` at `--size` px, by default each model's own size, and the default `dataset.split`),
+plus small random subsets of them, then trains each head variant on the cached features and
+scores it on the held-out test split (head only, as the train_head stage keeps its best
+val_loss epoch). Prints one table of test accuracies, the best epoch of each run, and each
+backbone and variant's mean and worst accuracy across the datasets, with the seconds each
+backbone's extraction took.
 """
 
 from __future__ import annotations
@@ -69,23 +70,24 @@ VARIANTS = {
 }
 
 
-def features_for(name: str, work: Path, size: int, model: str = "vgg16"):
-    """The config of dataset `name` prepared and extracted with `model` under `work/model/name`
-    (once; VGG16's under `work/name`, where earlier runs of this script left them)."""
+def features_for(name: str, work: Path, size: int | None, model: str = "vgg16"):
+    """The config of dataset `name` prepared and extracted with `model` at `size` px (None: the
+    model's own, as `dataset=folder` defaults to) under `work/<model>/<name>/<size>px`, once."""
     from src.config.checks import validate
     from src.config.compose import compose
     from src.stages import download, extract, prepare, stage
 
     folder, extra = DATASETS[name]
-    out = work / name if model == "vgg16" else work / model / name
+    overrides = ["dataset=folder", f"dataset.path={folder}", f"model={model}"]
+    overrides.append(f"model.weights={WEIGHTS[model]}")
+    if size is not None:
+        overrides.append(f"dataset.image_size={size}")
+    size = compose(overrides).dataset.image_size
+    out = work / model / name / f"{size}px"
     cfg = validate(
         compose(
             [
-                "dataset=folder",
-                f"dataset.path={folder}",
-                f"dataset.image_size={size}",
-                f"model={model}",
-                f"model.weights={WEIGHTS[model]}",
+                *overrides,
                 "tracking.enabled=false",
                 *[
                     f"paths.{k}={out / k}"
@@ -124,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=180, help="image size (the folder default is 180)")
+    parser.add_argument("--size", type=int, help="image size (default: each model's own, as dataset=folder)")
     parser.add_argument("--work", type=Path, help="keep prepared data and features here, for reruns")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -135,25 +137,28 @@ def main() -> None:
         work = args.work or Path(tmp)
         results: dict[tuple[str, str, str], tuple[float, int]] = {}
         seconds = dict.fromkeys(models, 0.0)
+        sizes: dict[str, int] = {}
         for model in models:
             for name in names:
                 start = time.perf_counter()
                 cfg = features_for(name, work, args.size, model)
+                sizes[model] = cfg.dataset.image_size
                 seconds[model] += time.perf_counter() - start
                 print(f"{model} {name}: features ready in {time.perf_counter() - start:.0f} s", flush=True)
                 for variant in variants:
                     results[(model, name, variant)] = score_head(cfg, VARIANTS[variant])
                     acc, epoch = results[(model, name, variant)]
                     print(f"  {variant}: test {100 * acc:.2f}% (best epoch {epoch})", flush=True)
-    print(f"\nhead-only test accuracy, ImageNet features at {args.size} px, dataset=folder defaults\n")
-    print("| backbone | variant | " + " | ".join(names) + " | mean | worst | features s |")
-    print("|---|---|" + "---:|" * (len(names) + 3))
+    at = f"{args.size} px" if args.size else "each model's own size"
+    print(f"\nhead-only test accuracy, ImageNet features at {at}, dataset=folder defaults\n")
+    print("| backbone | px | variant | " + " | ".join(names) + " | mean | worst | features s |")
+    print("|---|---:|---|" + "---:|" * (len(names) + 3))
     for model in models:
         for variant in variants:
             accs = [results[(model, n, variant)][0] for n in names]
             cells = [f"{100 * a:.1f}% (ep {results[(model, n, variant)][1]})" for n, a in zip(names, accs)]
             print(
-                f"| {model} | {variant} | "
+                f"| {model} | {sizes[model]} | {variant} | "
                 + " | ".join(cells)
                 + f" | {100 * np.mean(accs):.1f}% | {100 * min(accs):.1f}% | {seconds[model]:.0f} |"
             )
