@@ -138,6 +138,10 @@ def test_presets_encode_their_recipes():
         [2048, 1024],
         True,
     )
+    signs = compose(["experiment=xception_gtsrb"])
+    assert (signs.finetune.layers, signs.finetune.batchnorm, signs.augment.flip) == (131, "adapt", None)
+    cats = compose(["experiment=xception_cats_vs_dogs"])
+    assert (cats.dataset.image_size, cats.finetune.layers, cats.finetune.batchnorm) == (299, 16, "frozen")
     cifar = compose(["experiment=cifar10_baseline"])
     assert (cifar.model.name, cifar.head.dropout, cifar.head.epochs) == ("small_cnn", 0.4, 15)
 
