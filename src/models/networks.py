@@ -176,7 +176,7 @@ def full_model(base, head_model, model_cfg: DictConfig, augment_cfg: DictConfig,
     if augment is not None:
         x = augment(x)  # random only while training
     x = preprocessing(model_cfg)(x)
-    x = base(x, training=False)  # BatchNorm layers of the base stay in inference mode, even when unfrozen
+    x = base(x, training=False)  # not binding once unfrozen: unfreeze_top keeps BatchNorm frozen or not
     outputs = head_model(x)
     return keras.Model(inputs, outputs, name=f"{model_cfg.name}_classifier")
 
