@@ -105,7 +105,7 @@ def test_every_preset_composes_and_validates(preset):
     [
         ([], 224),  # VGG16's own
         (["model=xception", "model.weights=null"], 299),  # Xception's own
-        (["dataset=folder", "dataset.path=/tmp", "model=xception", "model.weights=null"], 299),
+        (["dataset=folder", "dataset.path={photos}", "model=xception", "model.weights=null"], 299),
         (["dataset=flowers", "model=resnet50", "model.weights=null"], 224),
         (["model=small_cnn"], 180),
         (["dataset=gtsrb"], 64),  # the dataset's own size wins over VGG16's
@@ -113,8 +113,10 @@ def test_every_preset_composes_and_validates(preset):
         (["experiment=xception_gtsrb"], 128),  # and a preset's
     ],
 )
-def test_the_image_size_is_the_models_own_unless_the_dataset_preset_or_user_sets_one(overrides, size):
-    cfg = compose(overrides)
+def test_the_image_size_is_the_models_own_unless_the_dataset_preset_or_user_sets_one(
+    overrides, size, tmp_path
+):
+    cfg = compose([o.format(photos=tmp_path) for o in overrides])
     assert cfg.dataset.image_size == size
     assert f"image_size: {size}" in to_yaml(cfg)  # resolved in params.yaml: DVC sees the number
 
