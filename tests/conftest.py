@@ -121,6 +121,22 @@ def local_postgres() -> Iterator[str]:
         shutil.rmtree(data.parent, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def remove_temporary_folders_of_a_passing_module(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Once a test module's tests have all passed, remove the temporary folders it made (its
+    shared pipelines, models, exports and DVC caches): kept to the end, the whole suite would hold
+    several gigabytes. A module with a failure keeps its folders for inspection."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for folder in set(base.iterdir()) - before:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def float32_after_each_test():
     """Stages set Keras' global precision policy (mixed_bfloat16 where the CPU has it): put it
