@@ -195,6 +195,27 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero_over_all_epochs():
     assert float(model.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_photometric_augmentation_varies_light_and_contrast_in_training_only(tmp_path):
+    from PIL import Image
+
+    from src.models import networks
+
+    require_shared()
+    files = sorted((GTSRB / "train" / "14").glob("*.png"))[:8]  # stop signs, one track
+    images = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype="float32") for f in files])
+    cfg = make_cfg(tmp_path, "augment=none", "augment.brightness=0.3", "augment.contrast=0.5")
+    layer = networks.augmentation(cfg.augment, seed=3)
+    assert [type(x).__name__ for x in layer.layers] == ["RandomBrightness", "RandomContrast"]
+    changed = np.asarray(layer(images, training=True))
+    assert changed.min() >= 0 and changed.max() <= 255  # still pixels, before preprocessing
+    brightness, spread = changed.mean(axis=(1, 2, 3)), changed.std(axis=(1, 2, 3))
+    before_brightness, before_spread = images.mean(axis=(1, 2, 3)), images.std(axis=(1, 2, 3))
+    assert np.abs(brightness - before_brightness).max() > 5  # some image got lighter or darker
+    assert np.abs(spread / before_spread - 1).max() > 0.05  # some image's contrast changed
+    np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
+    assert networks.augmentation(make_cfg(tmp_path, "augment=none").augment, seed=3) is None
+
+
 def test_evaluate_writes_metrics_plots_and_one_mlflow_run(pipeline):
     from mlflow import MlflowClient
 

@@ -183,6 +183,10 @@ class AugmentConfig:
     zoom: float = field(default=0.2, metadata=_allowed(min=0, max=1))
     translate: float = field(default=0.0, metadata=_allowed(min=0, max=1))
     shear: float = field(default=0.0, metadata=_allowed(min=0, max=1))
+    # photometric: up to this fraction of the pixel range added (brightness) or of the contrast
+    # scaled away or added; what varies between photos of one object (light, exposure, haze)
+    brightness: float = field(default=0.0, metadata=_allowed(min=0, max=1))
+    contrast: float = field(default=0.0, metadata=_allowed(min=0, max=1))
 
 
 @dataclass

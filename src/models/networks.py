@@ -138,6 +138,10 @@ def augmentation(augment_cfg: DictConfig, seed: int):
         layers.append(keras.layers.RandomShear(augment_cfg.shear, augment_cfg.shear, seed=seed))
     if augment_cfg.zoom:
         layers.append(keras.layers.RandomZoom(augment_cfg.zoom, seed=seed))
+    if augment_cfg.brightness:  # on 0-255 pixels: the layers come before the backbone's preprocessing
+        layers.append(keras.layers.RandomBrightness(augment_cfg.brightness, value_range=(0, 255), seed=seed))
+    if augment_cfg.contrast:
+        layers.append(keras.layers.RandomContrast(augment_cfg.contrast, value_range=(0, 255), seed=seed))
     return keras.Sequential(layers, name="augmentation") if layers else None
 
 
