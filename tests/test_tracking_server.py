@@ -85,7 +85,8 @@ def test_a_pipeline_run_lands_in_postgres_and_reads_back_over_rest(server):
     version = alias["model_version"]
     assert version["run_id"] == run_id and logged["alias"] == "champion"
     mlflow.set_tracking_uri(url)  # the registered classifier comes back through the server's proxy
-    classifier = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    (tmp / "loaded").mkdir()  # MLflow downloads it here (by default to a /tmp folder it keeps)
+    classifier = mlflow.pyfunc.load_model(f"models:/{name}@champion", dst_path=str(tmp / "loaded"))
     cat = sorted((CATS_DOGS / "validation" / "cats").iterdir())[0]
     assert classifier.predict(pd.DataFrame({"path": [str(cat)]}))["class"].tolist()[0] in {"cats", "dogs"}
 

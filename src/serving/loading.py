@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -145,8 +146,13 @@ def _load_mlflow_model(spec: str) -> tuple[object, list[str]]:
     mlflow.set_tracking_uri(uri)
     try:
         info = mlflow.models.get_model_info(spec)
-        flavor = mlflow.keras if "keras" in info.flavors else mlflow.tensorflow  # tensorflow: older models
-        model = flavor.load_model(spec)
+        if "keras" in info.flavors:
+            # MLflow downloads a remote model to a folder it never removes: use one that goes,
+            # once the .keras file is in memory
+            with tempfile.TemporaryDirectory(prefix="model-") as folder:
+                model = mlflow.keras.load_model(spec, dst_path=folder)
+        else:  # older models, saved with the tensorflow flavor
+            model = mlflow.tensorflow.load_model(spec)
     except (MlflowException, OSError) as err:
         raise ModelError(
             f"--model {spec}: cannot be loaded from the MLflow store {uri} ({_first_sentence(err)}); "
