@@ -201,7 +201,7 @@ def test_photometric_augmentation_varies_light_and_contrast_in_training_only(tmp
     from src.models import networks
 
     require_shared()
-    files = sorted((GTSRB / "train" / "14").glob("*.png"))[:8]  # stop signs, one track
+    files = sorted((GTSRB / "train" / "14").glob("*.png"))[:8]  # stop signs from four tracks
     images = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype="float32") for f in files])
     cfg = make_cfg(tmp_path, "augment=none", "augment.brightness=0.3", "augment.contrast=0.5")
     layer = networks.augmentation(cfg.augment, seed=3)

@@ -146,13 +146,12 @@ def _load_mlflow_model(spec: str) -> tuple[object, list[str]]:
     mlflow.set_tracking_uri(uri)
     try:
         info = mlflow.models.get_model_info(spec)
-        if "keras" in info.flavors:
-            # MLflow downloads a remote model to a folder it never removes: use one that goes,
-            # once the .keras file is in memory
-            with tempfile.TemporaryDirectory(prefix="model-") as folder:
-                model = mlflow.keras.load_model(spec, dst_path=folder)
-        else:  # older models, saved with the tensorflow flavor
-            model = mlflow.tensorflow.load_model(spec)
+        # older models were saved with the tensorflow flavor only
+        load = mlflow.keras.load_model if "keras" in info.flavors else mlflow.tensorflow.load_model
+        # MLflow downloads a remote model to a folder it never removes: use one that goes once
+        # the model is in memory
+        with tempfile.TemporaryDirectory(prefix="model-") as folder:
+            model = load(spec, dst_path=folder)
     except (MlflowException, OSError) as err:
         raise ModelError(
             f"--model {spec}: cannot be loaded from the MLflow store {uri} ({_first_sentence(err)}); "
