@@ -111,11 +111,11 @@ def score_head(cfg, variant: list[str]) -> tuple[float, int]:
 
     from src.config.checks import validate
     from src.data import arrays
-    from src.stages import evaluate, train_head
+    from src.stages import evaluate, stage, train_head
 
     run_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(variant))
     validate(run_cfg)
-    result = train_head.run(run_cfg)
+    result = stage.timed_run("train_head", train_head.run, run_cfg)  # marks models/ as the pipeline's
     model = keras.saving.load_model(Path(run_cfg.paths.models) / "head.keras")
     x, y = arrays.load_features(run_cfg, "test")
     scores, _ = evaluate.score(model, x, y, len(arrays.load_classes(run_cfg)), 64)
