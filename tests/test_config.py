@@ -121,6 +121,40 @@ def test_the_image_size_is_the_models_own_unless_the_dataset_preset_or_user_sets
     assert f"image_size: {size}" in to_yaml(cfg)  # resolved in params.yaml: DVC sees the number
 
 
+@pytest.mark.parametrize(
+    "overrides, backbone, top_block",
+    [
+        (["dataset=folder", "dataset.path={photos}"], "xception", 6),  # your images: Xception, block 14
+        (["dataset=folder", "dataset.path={photos}", "model=vgg16"], "vgg16", 4),  # one override away
+        (["dataset=folder", "dataset.path={photos}", "model=resnet50"], "resnet50", 10),
+        ([], "vgg16", 4),  # the chapter's cats vs dogs keeps VGG16 and its block 5
+        (["dataset=gtsrb"], "vgg16", 4),
+    ],
+)
+def test_your_own_images_default_to_xception_and_top_block_follows_the_backbone(
+    overrides, backbone, top_block, tmp_path
+):
+    cfg = compose([o.format(photos=tmp_path) for o in overrides])
+    assert (cfg.model.name, cfg.finetune.layers) == (backbone, top_block)
+    assert f"layers: {top_block}" in to_yaml(cfg)  # resolved in params.yaml: DVC sees the number
+
+
+@pytest.mark.parametrize(
+    "name, boundary", [("vgg16", "block4_pool"), ("xception", "add_11"), ("resnet50", "conv5_block2_out")]
+)
+def test_each_backbones_top_block_starts_after_a_block_boundary(name, boundary):
+    from src.config.compose import top_block
+    from src.models.networks import conv_base
+
+    base = conv_base(OmegaConf.create({"name": name, "weights": None}), 71)
+    assert base.layers[-top_block(name) - 1].name == boundary  # the layer below the unfrozen top
+
+
+def test_a_preset_with_your_images_keeps_the_backbone_it_names(tmp_path):
+    preset = compose(["experiment=gtsrb_finetune", "dataset=folder", f"dataset.path={tmp_path}"])
+    assert (preset.model.name, preset.finetune.layers) == ("vgg16", 8)
+
+
 def test_presets_encode_their_recipes():
     dlwp = compose(["experiment=dlwp_cats_vs_dogs"])
     assert (dlwp.dataset.image_size, list(dlwp.head.units), dlwp.head.pooling) == (224, [256], "avg")

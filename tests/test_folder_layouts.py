@@ -35,6 +35,7 @@ def cfg_for(tmp_path: Path, root: Path, *overrides: str, dataset: str = "folder"
                 f"dataset={dataset}",
                 f"dataset.path={root}",
                 "dataset.image_size=32",
+                "model=vgg16",  # 32 px images: below the default Xception's 71 px minimum
                 *path_overrides(tmp_path / "work"),
                 *overrides,
             ]

@@ -32,6 +32,7 @@ def cfg_for(tmp_path: Path, root: Path, *overrides: str):
                 "dataset=folder",
                 f"dataset.path={root}",
                 "dataset.image_size=32",
+                "model=vgg16",  # 32 px images: below the default Xception's 71 px minimum
                 *path_overrides(tmp_path / "work"),
                 *overrides,
             ]

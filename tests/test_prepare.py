@@ -25,6 +25,7 @@ def folder_cfg(tmp_path, root, *overrides):
             "dataset=folder",
             f"dataset.path={root}",
             "dataset.image_size=32",
+            "model=vgg16",  # 32 px images: below the default Xception's 71 px minimum
             *path_overrides(work),
             *overrides,
         ]

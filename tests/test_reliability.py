@@ -115,7 +115,13 @@ def test_prepare_into_a_folder_of_notes_keeps_the_notes(tmp_path):
     root = corpus.class_tree(tmp_path / "images", {"a": 6, "b": 6})
     notes = corpus.text_file(tmp_path / "notes" / "todo.txt").parent
     cfg = compose(
-        ["dataset=folder", f"dataset.path={root}", "dataset.image_size=32", *path_overrides(tmp_path / "w")]
+        [
+            "dataset=folder",
+            f"dataset.path={root}",
+            "dataset.image_size=32",
+            "model=vgg16",
+            *path_overrides(tmp_path / "w"),
+        ]
     )
     cfg.paths.prepared = str(notes)
     with pytest.raises(ConfigError, match="paths.prepared=.*not made by this pipeline"):
@@ -209,7 +215,9 @@ def test_same_names_and_sizes_other_pixels_are_not_reused(tmp_path):
     work = path_overrides(tmp_path / "w")
     results = []
     for root in (one, two, one):
-        cfg = validate(compose(["dataset=folder", f"dataset.path={root}", "dataset.image_size=32", *work]))
+        cfg = validate(
+            compose(["dataset=folder", f"dataset.path={root}", "dataset.image_size=32", "model=vgg16", *work])
+        )
         download.run(cfg)
         results.append(reuse.reuse_or_run(cfg, "prepare", prepare.run))
     assert [r["reused"] for r in results] == [False, False, True]

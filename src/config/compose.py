@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config.checks import masked, validate
 from src.config.paths import CONF_DIR, PARAMS_FILE, REPO_ROOT, portable_input, resolve_input
+from src.config.schema import BACKBONES
 from src.config.schema import register as register_schema
 from src.errors import ConfigError
 from src.outputs.atomic import atomic_file
@@ -49,11 +50,18 @@ def input_path(value: object, stand_in: str, *, _root_: DictConfig) -> str:
     return str(resolve_input(str(value)).resolve())
 
 
+def top_block(model: str) -> int:
+    """How many layers `finetune=top_block` unfreezes: the top block of pretrained base `model`;
+    0 for a model trained from scratch (no base: it trains whole, the finetune section unused)."""
+    return int(BACKBONES.get(model, {}).get("top_block", 0))
+
+
 def register_resolvers() -> None:
     """The schema (Hydra's ConfigStore) and the OmegaConf resolvers that `conf/` uses; also
     loaded by DVC's Hydra composition (`hydra_plugins/`)."""
     register_schema()
     OmegaConf.register_new_resolver("input_path", input_path, replace=True)
+    OmegaConf.register_new_resolver("top_block", top_block, replace=True)
 
 
 register_resolvers()

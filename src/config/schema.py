@@ -21,20 +21,22 @@ from omegaconf.errors import OmegaConfBaseException
 from src.errors import ConfigError
 
 DATASETS = ("cats_vs_dogs", "gtsrb", "flowers", "cifar10", "folder")
-# Pretrained conv bases: layers after the input (pooling included) and the smallest input side.
 # The pretrained conv bases: how many Keras layers follow the input, the smallest input side,
-# and, for bases whose top layers come in blocks with side branches, the `finetune.layers`
-# values that cut between blocks (where one tensor flows), counted from the top. Xception: 6 is
-# block 14 (its two separable convolutions, not a residual block), 16 adds block 13, each further
-# 10 one more middle-flow block (12 down to 4), 116 adds block 3 of the entry flow, and 125-131
-# reach into blocks 2 and 1. VGG16 is sequential: any count cuts it cleanly. ResNet50 cuts cleanly
-# after each residual block only, but fine-tunes from any count (running the whole network).
+# the layers of the top block (what `finetune=top_block` unfreezes: VGG16's block 5 with its
+# pooling, Xception's block 14, ResNet50's last residual block) and, for bases whose top layers
+# come in blocks with side branches, the `finetune.layers` values that cut between blocks (where
+# one tensor flows), counted from the top. Xception: 6 is block 14 (its two separable
+# convolutions, not a residual block), 16 adds block 13, each further 10 one more middle-flow
+# block (12 down to 4), 116 adds block 3 of the entry flow, and 125-131 reach into blocks 2 and 1.
+# VGG16 is sequential: any count cuts it cleanly. ResNet50 cuts cleanly after each residual block
+# only, but fine-tunes from any count (running the whole network).
 BACKBONES = {
-    "vgg16": {"layers": 18, "min_size": 32},
-    "resnet50": {"layers": 174, "min_size": 32},
+    "vgg16": {"layers": 18, "min_size": 32, "top_block": 4},
+    "resnet50": {"layers": 174, "min_size": 32, "top_block": 10},
     "xception": {
         "layers": 131,
         "min_size": 71,
+        "top_block": 6,
         "cuts": (
             0,
             1,
