@@ -176,7 +176,11 @@ def test_presets_encode_their_recipes():
     )
     signs = compose(["experiment=xception_gtsrb"])
     assert (signs.finetune.layers, signs.finetune.batchnorm, signs.augment.flip) == (131, "adapt", None)
-    assert (signs.finetune.epochs, signs.finetune.schedule, signs.finetune.learning_rate) == (40, "cosine", 2e-4)
+    assert (signs.finetune.epochs, signs.finetune.schedule, signs.finetune.learning_rate) == (
+        40,
+        "cosine",
+        2e-4,
+    )
     cats = compose(["experiment=xception_cats_vs_dogs"])
     assert (cats.dataset.image_size, cats.finetune.layers, cats.finetune.batchnorm) == (299, 16, "frozen")
     cifar = compose(["experiment=cifar10_baseline"])
