@@ -65,6 +65,12 @@ def path_overrides(work: Path) -> list[str]:
     return [f"paths.{key}={work / key}" for key in PATH_KEYS]
 
 
+def small_images(root: Path, dataset: str = "folder") -> list[str]:
+    """Overrides reading `root` as `dataset` at 32 px, for the stages before any model: VGG16, as
+    the folder default Xception needs 71 px."""
+    return [f"dataset={dataset}", f"dataset.path={root}", "dataset.image_size=32", "model=vgg16"]
+
+
 def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     """The `ci` preset with every output under tmp_path and a private MLflow store."""
     outputs = path_overrides(tmp_path / "work")

@@ -21,7 +21,7 @@ from src.images import decode, files
 from src.outputs import hashing
 from src.stages import download, prepare
 from tests import corpus
-from tests.conftest import GTSRB, path_overrides
+from tests.conftest import GTSRB, path_overrides, small_images
 
 CLASSES = {"cats": 4, "dogs": 4}
 GT_HEADER = ["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"]
@@ -32,10 +32,7 @@ def cfg_for(tmp_path: Path, root: Path, *overrides: str, dataset: str = "folder"
     return validate(
         compose(
             [
-                f"dataset={dataset}",
-                f"dataset.path={root}",
-                "dataset.image_size=32",
-                "model=vgg16",  # 32 px images: below the default Xception's 71 px minimum
+                *small_images(root, dataset),
                 *path_overrides(tmp_path / "work"),
                 *overrides,
             ]

@@ -19,7 +19,7 @@ from src.errors import StageError
 from src.outputs import hashing
 from src.stages import download, prepare
 from tests import corpus
-from tests.conftest import path_overrides
+from tests.conftest import path_overrides, small_images
 
 SPLITS = {"train": {"cats": 4, "dogs": 4}, "val": {"cats": 1, "dogs": 1}, "test": {"cats": 2, "dogs": 2}}
 
@@ -29,10 +29,7 @@ def cfg_for(tmp_path: Path, root: Path, *overrides: str):
     return validate(
         compose(
             [
-                "dataset=folder",
-                f"dataset.path={root}",
-                "dataset.image_size=32",
-                "model=vgg16",  # 32 px images: below the default Xception's 71 px minimum
+                *small_images(root),
                 *path_overrides(tmp_path / "work"),
                 *overrides,
             ]

@@ -15,17 +15,14 @@ from src.config.checks import validate
 from src.config.compose import compose
 from src.images.decode import natural_key
 from src.stages import prepare, stage
-from tests.conftest import GTSRB, path_overrides
+from tests.conftest import GTSRB, path_overrides, small_images
 
 
 def folder_cfg(tmp_path, root, *overrides):
     work = tmp_path / "work"
     cfg = compose(
         [
-            "dataset=folder",
-            f"dataset.path={root}",
-            "dataset.image_size=32",
-            "model=vgg16",  # 32 px images: below the default Xception's 71 px minimum
+            *small_images(root),
             *path_overrides(work),
             *overrides,
         ]

@@ -27,7 +27,7 @@ from src.errors import StageError
 from src.outputs import folders
 from src.stages import prepare
 from tests import corpus
-from tests.conftest import path_overrides
+from tests.conftest import path_overrides, small_images
 
 CLASSES = {"cats": 4, "dogs": 4}
 
@@ -38,10 +38,7 @@ def cfg_for(tmp_path: Path, root: Path, *overrides: str):
     cfg = validate(
         compose(
             [
-                "dataset=folder",
-                f"dataset.path={root}",
-                "dataset.image_size=32",
-                "model=vgg16",  # 32 px images: below the default Xception's 71 px minimum
+                *small_images(root),
                 *path_overrides(work),
                 *overrides,
             ]

@@ -27,7 +27,7 @@ from src.outputs import atomic, folders, hashing
 from src.outputs.atomic import atomic_file
 from src.stages import download, reuse, stage
 from tests import corpus
-from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, make_cfg, path_overrides, require_shared
+from tests.conftest import CATS_DOGS, VGG16_WEIGHTS, make_cfg, path_overrides, require_shared, small_images
 
 
 @pytest.fixture
@@ -114,15 +114,7 @@ def test_prepare_into_a_folder_of_notes_keeps_the_notes(tmp_path):
 
     root = corpus.class_tree(tmp_path / "images", {"a": 6, "b": 6})
     notes = corpus.text_file(tmp_path / "notes" / "todo.txt").parent
-    cfg = compose(
-        [
-            "dataset=folder",
-            f"dataset.path={root}",
-            "dataset.image_size=32",
-            "model=vgg16",
-            *path_overrides(tmp_path / "w"),
-        ]
-    )
+    cfg = compose([*small_images(root), *path_overrides(tmp_path / "w")])
     cfg.paths.prepared = str(notes)
     with pytest.raises(ConfigError, match="paths.prepared=.*not made by this pipeline"):
         validate(cfg)  # refused up front
@@ -215,9 +207,7 @@ def test_same_names_and_sizes_other_pixels_are_not_reused(tmp_path):
     work = path_overrides(tmp_path / "w")
     results = []
     for root in (one, two, one):
-        cfg = validate(
-            compose(["dataset=folder", f"dataset.path={root}", "dataset.image_size=32", "model=vgg16", *work])
-        )
+        cfg = validate(compose([*small_images(root), *work]))
         download.run(cfg)
         results.append(reuse.reuse_or_run(cfg, "prepare", prepare.run))
     assert [r["reused"] for r in results] == [False, False, True]
