@@ -201,6 +201,8 @@ def test_presets_encode_their_recipes():
         ("head.optimizer=adagrad", "head.optimizer", "rmsprop"),
         ("head.activation=swish", "head.activation", "relu"),
         ("finetune.schedule=step", "finetune.schedule", "cosine"),
+        ("augment.mix=blend", "augment.mix", "cutmix"),
+        ("augment.mix_alpha=0", "augment.mix_alpha", "0"),
     ],
 )
 def test_bad_values_are_refused_naming_key_value_and_allowed(override, key, hint):

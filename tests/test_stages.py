@@ -175,6 +175,38 @@ def test_finetune_from_cached_boundary_activations_matches_the_full_model(pipeli
     np.testing.assert_allclose(histories[True].loss, histories[False].loss, rtol=2e-3)
 
 
+def test_finetune_on_mixed_batches_trains_on_images_and_validates_unmixed(pipeline, tmp_path):
+    """`augment.mix` alone makes fine-tuning run on images (mixing needs them), validation still
+    uses the cached activations of plain images, and the saved model scores as recorded."""
+    import keras
+    from omegaconf import OmegaConf
+
+    from src.data import arrays
+    from src.stages import evaluate
+
+    cfg, tmp, _ = pipeline
+    run_cfg = OmegaConf.merge(
+        cfg,
+        {
+            "augment": {**NO_AUGMENT, "mix": "cutmix"},
+            "train": {"precision": "float32"},
+            "finetune": {"epochs": 2},
+            "paths": {"models": str(tmp_path / "models"), "reports": str(tmp_path / "reports")},
+        },
+    )
+    Path(run_cfg.paths.models).mkdir()
+    shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
+    summary = finetune.run(run_cfg)
+    assert summary["cached_activations"] is False and summary["cached_validation"] is True
+    history = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
+    assert len(history) == 2
+    model = keras.saving.load_model(Path(run_cfg.paths.models) / "final.keras")
+    images, labels = arrays.load_images(run_cfg, "val")
+    scores, _ = evaluate.score(model, images, labels, 2, 16)
+    best = history.loc[history.val_loss.idxmin()]
+    assert scores["accuracy"] == pytest.approx(best.val_accuracy, abs=1e-6)
+
+
 def test_cosine_schedule_decays_the_learning_rate_to_zero_over_all_epochs():
     import keras
 
@@ -276,10 +308,12 @@ def test_predict_from_mlflow_registry(pipeline, monkeypatch):
     assert model.input_shape == (None, 64, 64, 3)
 
 
-def test_from_scratch_model_flows_through_the_same_stages(tmp_path):
+@pytest.mark.parametrize("mix", ["null", "mixup"])
+def test_from_scratch_model_flows_through_the_same_stages(tmp_path, mix):
     require_shared()
     cfg = make_cfg(
         tmp_path,
+        f"augment.mix={mix}",  # mixed batches: soft targets for the 43-way softmax
         "model=small_cnn",
         "model.weights=null",
         "model.filters=[8,16]",
@@ -302,3 +336,8 @@ def test_from_scratch_model_flows_through_the_same_stages(tmp_path):
     assert results["finetune"]["unfrozen"] == [] and results["finetune"]["epochs"] == 0
     assert results["evaluate"]["head_test"] is None and "mlflow" not in results["evaluate"]
     assert len(results["evaluate"]["per_class"]) == 43
+    import keras
+
+    trained = keras.saving.load_model(tmp_path / "work" / "models" / "head.keras")
+    soft = "categorical_crossentropy" if mix == "mixup" else "sparse_categorical_crossentropy"
+    assert trained.loss == soft  # trained on one-hot blends, or on the integer labels

@@ -189,6 +189,10 @@ class AugmentConfig:
     # scaled away or added; what varies between photos of one object (light, exposure, haze)
     brightness: float = field(default=0.0, metadata=_allowed(min=0, max=1))
     contrast: float = field(default=0.0, metadata=_allowed(min=0, max=1))
+    # blend pairs of training examples and their labels (src/data/mixing.py): MixUp or CutMix,
+    # with weights drawn from Beta(mix_alpha, mix_alpha)
+    mix: Optional[str] = field(default=None, metadata=_allowed(choices=(None, "mixup", "cutmix")))  # noqa: UP045
+    mix_alpha: float = field(default=1.0, metadata=_allowed(above=0))
 
 
 @dataclass

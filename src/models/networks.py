@@ -63,8 +63,13 @@ def compile_model(
     learning_rate: float,
     jit_compile: bool = False,
     decay_steps: int = 0,
+    soft_labels: bool = False,
 ) -> None:
+    """Compile for integer labels, or with `soft_labels` for the float targets of mixed batches
+    (one-hot vectors or blends of them; `src.data.mixing`)."""
     _, _, loss = output_spec(n_classes)
+    if soft_labels and n_classes > 2:
+        loss = "categorical_crossentropy"
     model.compile(
         optimizer=optimizer(optimizer_name, learning_rate, decay_steps),
         loss=loss,

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from src.config.checks import is_pretrained
 from src.config.paths import resolve_path
-from src.data import arrays
+from src.data import arrays, mixing
 from src.fitting import distribute, fit, optuna_trials, precision
 from src.models import networks
 from src.outputs import folders
@@ -71,8 +71,9 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
     n_train = len(arrays.load_images(cfg, "train")[1])
     steps = networks.decay_steps(ft.schedule, epochs, n_train, ft.batch_size * chosen.num_replicas_in_sync)
     # Recompile after changing `trainable`, so the change takes effect.
+    soft = mixing.enabled(cfg.augment)  # mixed batches: soft targets
     networks.compile_model(
-        model, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=steps
+        model, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=steps, soft_labels=soft
     )
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
     summary = {
@@ -100,11 +101,13 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
             x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
         )
         val_data = arrays.batches(x_val, y_val, batch)
+        train_data, val_data = mixing.apply(train_data, val_data, cfg.augment, n_classes, cfg.seed)
         result = fit.fit_best(
             model, train_data, val_data, epochs, model_path, history_path, callbacks=callbacks
         )
         return {**result, **summary}
-    augmented = networks.augmentation(cfg.augment, cfg.seed) is not None
+    # mixed batches are augmented images too: training runs on images, not cached activations
+    augmented = networks.augmentation(cfg.augment, cfg.seed) is not None or soft
     result = _fit_from_boundary(
         cfg,
         split,
@@ -158,7 +161,13 @@ def _fit_from_boundary(
         inputs = keras.Input(shape=shape[1:], name="boundary_activations")
         top_and_head = keras.Model(inputs, head_model(top(inputs, training=False)), name="top_and_head")
         networks.compile_model(
-            top_and_head, n_classes, ft.optimizer, ft.learning_rate, jit_compile=xla, decay_steps=decay_steps
+            top_and_head,
+            n_classes,
+            ft.optimizer,
+            ft.learning_rate,
+            jit_compile=xla,
+            decay_steps=decay_steps,
+            soft_labels=mixing.enabled(cfg.augment),
         )
         x_val, y_val = data["val"]
         val_data = arrays.batches(x_val, y_val, batch)
@@ -167,6 +176,7 @@ def _fit_from_boundary(
             train_data = arrays.batches(
                 x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
             )
+            train_data, val_data = mixing.apply(train_data, val_data, cfg.augment, n_classes, cfg.seed)
             validation = fit.validate_with(top_and_head, val_data)
             return fit.fit_best(
                 model,

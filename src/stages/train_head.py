@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from src.config.checks import is_pretrained
 from src.config.paths import resolve_path
-from src.data import arrays
+from src.data import arrays, mixing
 from src.fitting import distribute, fit, optuna_trials, precision
 from src.models import networks
 from src.outputs import atomic
@@ -56,14 +56,23 @@ def run(cfg: DictConfig) -> dict:
         steps = networks.decay_steps(
             h.schedule, h.epochs, len(x_train), h.batch_size * chosen.num_replicas_in_sync
         )
+        soft = not is_pretrained(cfg) and mixing.enabled(cfg.augment)  # features are never mixed
         networks.compile_model(
-            model, len(classes), h.optimizer, h.learning_rate, jit_compile=xla, decay_steps=steps
+            model,
+            len(classes),
+            h.optimizer,
+            h.learning_rate,
+            jit_compile=xla,
+            decay_steps=steps,
+            soft_labels=soft,
         )
         batch = distribute.worker_batch(h.batch_size, chosen)
         train_data = arrays.batches(
             x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
         )
         val_data = arrays.batches(x_val, y_val, batch)
+        if soft:
+            train_data, val_data = mixing.apply(train_data, val_data, cfg.augment, len(classes), cfg.seed)
         # the chief writes the outputs; other workers write to a scratch folder
         model_dir = distribute.output_dir(resolve_path(cfg.paths.models))
         model_dir.mkdir(parents=True, exist_ok=True)
