@@ -212,6 +212,20 @@ def test_bad_values_are_refused_naming_key_value_and_allowed(override, key, hint
     assert message.startswith(f"{key}=") and hint in message and override.split("=", 1)[1] in message
 
 
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [
+        (["evaluate.temperature_scaling=true"], "evaluate.temperature_scaling"),
+        (["+optuna_trial_id=3"], "Optuna study"),
+    ],
+)
+def test_a_refit_is_refused_where_validation_must_stay_held_out(overrides, hint):
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["finetune.refit=true", *overrides]))
+    assert str(err.value).startswith("finetune.refit=True") and hint in str(err.value)
+    validate(compose(["finetune.refit=true"]))  # alone it is fine
+
+
 def test_folder_dataset_needs_a_path():
     with pytest.raises(ConfigError, match="dataset.path is required"):
         validate(compose(["dataset=folder"]))

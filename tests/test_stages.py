@@ -207,6 +207,48 @@ def test_finetune_on_mixed_batches_trains_on_images_and_validates_unmixed(pipeli
     assert scores["accuracy"] == pytest.approx(best.val_accuracy, abs=1e-6)
 
 
+@pytest.mark.parametrize("augmented", [False, True])
+def test_a_refit_trains_on_train_and_val_and_keeps_the_last_epoch(pipeline, tmp_path, augmented):
+    """`finetune.refit`: training runs on train + val (on cached boundary activations without
+    augmentation, on images with it), validates on nothing and keeps the last epoch; evaluate
+    then reports no validation accuracy, as the final model saw those images."""
+    from omegaconf import OmegaConf
+
+    from src.data import arrays
+    from src.stages import evaluate
+
+    cfg, tmp, _ = pipeline
+    losses = {}
+    for refit in (False, True):
+        run_cfg = OmegaConf.merge(
+            cfg,
+            {
+                "augment": AUGMENT if augmented else NO_AUGMENT,
+                "train": {"precision": "float32"},
+                "finetune": {"epochs": 2, "refit": refit},
+                "paths": {"models": str(tmp_path / f"m_{refit}"), "reports": str(tmp_path / f"r_{refit}")},
+            },
+        )
+        Path(run_cfg.paths.models).mkdir()
+        shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
+        summary = stage.timed_run("finetune", finetune.run, run_cfg)
+        history = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
+        losses[refit] = history.loss.iloc[0]
+    n_train, n_val = (len(arrays.load_images(run_cfg, s)[1]) for s in ("train", "val"))
+    assert (summary["refit"], summary["trained_on"]) == (True, n_train + n_val)
+    assert summary["cached_activations"] is not augmented and not summary.get("cached_validation")
+    assert summary["best"] == {"epoch": 2, "val_loss": None, "val_accuracy": None}
+    assert len(history) == 2 and history.val_loss.isna().all()
+    assert losses[True] != pytest.approx(losses[False], rel=1e-3)  # other images, same seed
+    assert evaluate.val_accuracy(run_cfg) is None  # not the head's: the final model saw val
+    if augmented:  # the whole evaluation, curves with empty val columns included
+        stage.timed_run("evaluate", evaluate.run, run_cfg)
+        reports = Path(run_cfg.paths.reports)
+        metrics = json.loads((reports / "metrics.json").read_text())
+        assert "val" not in metrics and metrics["test"]["accuracy"] > 0.5
+        assert (reports / "figures" / "curves.png").stat().st_size > 0
+
+
 def test_cosine_schedule_decays_the_learning_rate_to_zero_over_all_epochs():
     import keras
 

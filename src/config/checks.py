@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.paths import REPO_ROOT, resolve_input, resolve_path
-from src.config.schema import BACKBONES, EXPORT_FORMATS, typed
+from src.config.schema import BACKBONES, EXPORT_FORMATS, OPTUNA_TRIAL_KEY, typed
 from src.errors import ConfigError
 from src.outputs.folders import made_here
 
@@ -283,6 +283,26 @@ def _check_model(cfg: DictConfig) -> None:
         raise _bad("head.epochs", cfg.head.epochs, f"{cfg.model.name} is trained by train_head: use >= 1")
 
 
+def _check_refit(cfg: DictConfig) -> None:
+    """`finetune.refit` trains on the validation images: refuse what needs them held out."""
+    if not cfg.finetune.refit:
+        return
+    if cfg.evaluate.temperature_scaling:
+        raise _bad(
+            "finetune.refit",
+            True,
+            "it trains on the validation images, which evaluate.temperature_scaling fits the temperature "
+            "on: set one of them to false",
+        )
+    if cfg.get(OPTUNA_TRIAL_KEY) is not None:
+        raise _bad(
+            "finetune.refit",
+            True,
+            "an Optuna study ranks trials by validation accuracy, which a refit on the validation images "
+            "leaves none of: sweep without it, then refit the chosen recipe",
+        )
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """The typed config, or a ConfigError naming the key, the value and what is allowed; before
     any heavy work."""
@@ -310,6 +330,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             f"a list of distinct formats of {list(EXPORT_FORMATS)}",
         )
     _check_model(cfg)
+    _check_refit(cfg)
     check_output_paths(cfg)
     refuse_credentials("tracking.uri", cfg.tracking.uri)
     return cfg

@@ -73,7 +73,8 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # see src/f
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")  # see src/fitting/distribute.py
 MAX_IMAGE_SIZE = 1024  # px per side: 1024² x 3 bytes is 3 MB per image before any model sees it
 # Keys a job may carry beyond the schema: set by a Hydra sweeper, not by users.
-RUNTIME_KEYS = ("optuna_trial_id",)
+OPTUNA_TRIAL_KEY = "optuna_trial_id"  # the Optuna trial an `optuna_study` sweep's job runs
+RUNTIME_KEYS = (OPTUNA_TRIAL_KEY,)
 # The node of a stage's view of the config that names the pipeline run it logs to (derived from
 # the whole config by `src.tracking.store.run_identity`; never set by users).
 RUN_NODE = "run"
@@ -173,6 +174,9 @@ class FinetuneConfig:
     # frozen: batch normalisation of the unfrozen top keeps its ImageNet statistics (inference mode);
     # adapt: it trains, its statistics following new images far from ImageNet's (small upscaled signs)
     batchnorm: str = field(default="frozen", metadata=_allowed(choices=("frozen", "adapt")))
+    # after the recipe is chosen on validation: fine-tune on train and val together for `epochs`
+    # and keep the last epoch (no held-out validation is left to pick one by, or to fit a temperature on)
+    refit: bool = False
 
 
 @dataclass

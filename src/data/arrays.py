@@ -42,6 +42,16 @@ def load_images(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     return load_split(prepared_dir(cfg), "images", split)
 
 
+def load_training_images(cfg: DictConfig, with_val: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's images and labels; `with_val` appends the validation split's (a refit
+    on every labelled image), read into memory."""
+    images, labels = load_images(cfg, "train")
+    if not with_val:
+        return images, labels
+    val_images, val_labels = load_images(cfg, "val")
+    return np.concatenate([images, val_images]), np.concatenate([labels, val_labels])
+
+
 def load_features(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Cached conv-base features of a split, memory-mapped, and their labels."""
     return load_split(resolve_path(cfg.paths.features), "features", split)

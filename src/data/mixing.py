@@ -82,7 +82,8 @@ def mixed(dataset, augment_cfg: DictConfig, n_classes: int, seed: int):
 
 def apply(train_data, val_data, augment_cfg: DictConfig, n_classes: int, seed: int):
     """(train, val) batches as training on them needs: unchanged without mixing; with it,
-    mixed training batches and validation batches with the same kind of targets."""
+    mixed training batches and validation batches (if any) with the same kind of targets."""
     if not enabled(augment_cfg):
         return train_data, val_data
-    return mixed(train_data, augment_cfg, n_classes, seed), as_targets(val_data, n_classes)
+    val_data = None if val_data is None else as_targets(val_data, n_classes)
+    return mixed(train_data, augment_cfg, n_classes, seed), val_data

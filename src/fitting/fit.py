@@ -1,6 +1,7 @@
-"""Fitting shared by `train_head` and `finetune`: checkpoint on the best val_loss, restore it,
-save the model atomically and write the per-epoch history as CSV (for `dvc plots`). Where
-stdout is not a terminal, progress lines within each epoch are logged (`src.outputs.progress`)."""
+"""Fitting shared by `train_head` and `finetune`: checkpoint on the best val_loss, restore it
+(or, with no validation at all, keep the last epoch), save the model atomically and write the
+per-epoch history as CSV (for `dvc plots`). Where stdout is not a terminal, progress lines
+within each epoch are logged (`src.outputs.progress`)."""
 
 from __future__ import annotations
 
@@ -79,34 +80,25 @@ def fit_best(
 ) -> dict:
     """Train, keep the weights of the epoch with the lowest val_loss, save the model (or
     `final_model`, which shares the trained layers) and the history. `validation` (from
-    `validate_with`) scores each epoch instead of `val_data`; `callbacks` (live MLflow metrics,
-    Optuna pruning; None entries skipped) come last, so they see each epoch's every metric."""
+    `validate_with`) scores each epoch instead of `val_data`; with neither (a refit on every
+    labelled image) the last epoch is kept and the history's val columns stay empty.
+    `callbacks` (live MLflow metrics, Optuna pruning; None entries skipped) come last, so they
+    see each epoch's every metric."""
     import keras
 
     rows: list[dict] = []
     best: dict = {"epoch": None, "val_loss": None, "val_accuracy": None}
-    if epochs > 0:
+    if epochs > 0 and val_data is None and validation is None:
+        rows = _fit_rows(model, train_data, None, epochs, (), callbacks)
+        best["epoch"] = len(rows)
+        log.info("kept the last epoch (%d): no validation split to choose one by", len(rows))
+    elif epochs > 0:
         with folders.scratch_dir(model_path.parent, "checkpoint") as tmp:
             checkpoint = tmp / "best.weights.h5"
             callback = keras.callbacks.ModelCheckpoint(
                 checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True
             )
-            timer = _epoch_timer(keras)
-            batches = progress.keras_callback(validation_steps=progress.batch_count(val_data))
-            callbacks = [c for c in (validation, callback, timer, batches, *callbacks) if c is not None]
-            chosen = model.distribute_strategy
-            if distribute.is_multi_worker(chosen):  # Keras 3's fit cannot run it
-                history = distribute.fit_multi_worker(model, chosen, train_data, val_data, epochs, callbacks)
-            else:  # batches arrive shuffled already
-                history = model.fit(
-                    train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, shuffle=False,
-                    verbose=2,
-                )  # fmt: skip
-            metrics = {**history.history, "seconds": timer.seconds}
-            rows = [
-                {"epoch": i + 1, **{k: float(metrics[k][i]) for k in HISTORY_COLUMNS[1:] if k in metrics}}
-                for i in range(len(metrics["loss"]))
-            ]
+            rows = _fit_rows(model, train_data, val_data, epochs, (validation, callback), callbacks)
             best_row = min(rows, key=lambda r: r["val_loss"])
             best = {
                 "epoch": best_row["epoch"],
@@ -123,3 +115,27 @@ def fit_best(
     save_model(final_model if final_model is not None else model, model_path)
     write_history(rows, history_path)
     return {"epochs": epochs, "best": best}
+
+
+def _fit_rows(model, train_data, val_data, epochs: int, first: tuple, last: tuple) -> list[dict]:
+    """Run `fit` for `epochs` with the epoch timer and progress lines between the `first`
+    callbacks (validation, checkpoint) and the `last` (None entries skipped); one history row
+    per epoch."""
+    import keras
+
+    timer = _epoch_timer(keras)
+    batches = progress.keras_callback(validation_steps=progress.batch_count(val_data))
+    chosen_callbacks = [c for c in (*first, timer, batches, *last) if c is not None]
+    chosen = model.distribute_strategy
+    if distribute.is_multi_worker(chosen):  # Keras 3's fit cannot run it
+        history = distribute.fit_multi_worker(model, chosen, train_data, val_data, epochs, chosen_callbacks)
+    else:  # batches arrive shuffled already
+        history = model.fit(
+            train_data, validation_data=val_data, epochs=epochs, callbacks=chosen_callbacks, shuffle=False,
+            verbose=2,
+        )  # fmt: skip
+    metrics = {**history.history, "seconds": timer.seconds}
+    return [
+        {"epoch": i + 1, **{k: float(metrics[k][i]) for k in HISTORY_COLUMNS[1:] if k in metrics}}
+        for i in range(len(metrics["loss"]))
+    ]

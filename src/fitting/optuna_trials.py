@@ -16,9 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.config.schema import OPTUNA_TRIAL_KEY
+
 log = logging.getLogger(__name__)
 
-TRIAL_KEY = "optuna_trial_id"  # the config key the sweeper sets in each job
+TRIAL_KEY = OPTUNA_TRIAL_KEY  # the config key the sweeper sets in each job
 PRUNED_ATTR = "pruned_at_epoch"  # trial user attribute the job sets when it stops itself
 
 

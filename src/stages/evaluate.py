@@ -68,11 +68,15 @@ def stage_seconds(cfg: DictConfig) -> dict[str, float]:
 
 def val_accuracy(cfg: DictConfig) -> float | None:
     """Validation accuracy of the final model: fine-tune's best epoch, else the head's; None
-    when neither trained an epoch (or the value is not a finite number)."""
+    when neither trained an epoch (or the value is not a finite number), or when fine-tuning
+    was a refit that trained on the validation images."""
     for name in ("finetune", "train_head"):
         summary = stage.summary_path(cfg, name)
         if summary.is_file():
-            best = json.loads(summary.read_text()).get("best") or {}
+            recorded = json.loads(summary.read_text())
+            if recorded.get("refit"):
+                return None
+            best = recorded.get("best") or {}
             value = best.get("val_accuracy")
             if isinstance(value, (int, float)) and math.isfinite(value):
                 return float(value)

@@ -6,6 +6,9 @@ VGG16, 4 = block 5 (three convs and the pool), 8 = blocks 4 and 5. With 0 (or a 
 trained from scratch) nothing is trained: the assembled model is passed on unchanged.
 BatchNorm layers of the base stay in inference mode with their ImageNet statistics, unless
 `finetune.batchnorm=adapt` lets those of the unfrozen top train on the new images.
+The epoch with the best validation loss is kept; with `finetune.refit` (once the recipe is
+chosen) training runs on the train and val splits together for `finetune.epochs` and keeps the
+last epoch, as nothing held out is left to choose one by.
 Writes `<paths.models>/final.keras` (image in, probabilities out) and
 `<paths.reports>/finetune/history.csv`.
 """
@@ -67,9 +70,12 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
     model = networks.full_model(base, head_model, cfg.model, cfg.augment, cfg.seed)
     unfrozen = networks.unfreeze_top(base, ft.layers, ft.batchnorm)
     epochs = ft.epochs if ft.layers > 0 else 0
+    refit = bool(ft.refit) and epochs > 0  # train + val, the last epoch kept
     log.info("unfrozen layers (%d): %s", len(unfrozen), ", ".join(unfrozen) or "none")
-    n_train = len(arrays.load_images(cfg, "train")[1])
-    steps = networks.decay_steps(ft.schedule, epochs, n_train, ft.batch_size * chosen.num_replicas_in_sync)
+    x_train, y_train = arrays.load_training_images(cfg, with_val=refit)
+    steps = networks.decay_steps(
+        ft.schedule, epochs, len(y_train), ft.batch_size * chosen.num_replicas_in_sync
+    )
     # Recompile after changing `trainable`, so the change takes effect.
     soft = mixing.enabled(cfg.augment)  # mixed batches: soft targets
     networks.compile_model(
@@ -83,6 +89,8 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
         "precision": policy,
         "jit_compile": xla,
         "replicas": chosen.num_replicas_in_sync,
+        "refit": refit,
+        "trained_on": len(y_train),
     }
     model_path = distribute.output_dir(model_dir) / "final.keras"  # the chief's, or a worker's scratch
     history_path = distribute.output_dir(history_path.parent) / history_path.name
@@ -92,25 +100,27 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
     live = live_metrics.callback(cfg, "finetune") if distribute.is_chief() else None
     callbacks = (live, optuna_trials.pruning_callback(optuna_trials.job_trial(cfg), "finetune"))
     batch = distribute.worker_batch(ft.batch_size, chosen)
-    # None for bases with branches (ResNet50): then every epoch runs the whole network
-    split = networks.split_at(base, ft.layers) if ft.cached_activations else None
+    # mixed batches are augmented images too: training runs on images, not cached activations
+    augmented = networks.augmentation(cfg.augment, cfg.seed) is not None or soft
+    # None for bases with branches (ResNet50): then every epoch runs the whole network; so does
+    # an augmented refit, which has no validation to cache
+    split = (
+        networks.split_at(base, ft.layers) if ft.cached_activations and not (refit and augmented) else None
+    )
     if split is None:
-        x_train, y_train = arrays.load_images(cfg, "train")
-        x_val, y_val = arrays.load_images(cfg, "val")
         train_data = arrays.batches(
             x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
         )
-        val_data = arrays.batches(x_val, y_val, batch)
+        val_data = None if refit else arrays.batches(*arrays.load_images(cfg, "val"), batch)
         train_data, val_data = mixing.apply(train_data, val_data, cfg.augment, n_classes, cfg.seed)
         result = fit.fit_best(
             model, train_data, val_data, epochs, model_path, history_path, callbacks=callbacks
         )
         return {**result, **summary}
-    # mixed batches are augmented images too: training runs on images, not cached activations
-    augmented = networks.augmentation(cfg.augment, cfg.seed) is not None or soft
     result = _fit_from_boundary(
         cfg,
         split,
+        (x_train, y_train),
         head_model,
         model,
         model_path,
@@ -122,12 +132,14 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
         batch,
         callbacks,
     )
-    return {**result, **summary, "cached_activations": not augmented, "cached_validation": True}
+    cached = {"cached_activations": not augmented, "cached_validation": not refit}
+    return {**result, **summary, **cached}
 
 
 def _fit_from_boundary(
     cfg,
     split,
+    training: tuple[np.ndarray, np.ndarray],
     head_model,
     model,
     model_path: Path,
@@ -142,17 +154,20 @@ def _fit_from_boundary(
     """The frozen bottom gives the same activations every epoch for images that are not
     augmented: compute them once and run only the unfrozen top and the head on them. Without
     augmentation that is all of training and validation; with it, training runs the whole
-    network on augmented images and only validation uses the cached activations. The top's
-    layers are the base's own, so `model` (image in) holds the trained weights and is saved."""
+    network on augmented images (`training`) and only validation uses the cached activations.
+    A refit (no augmentation here) caches the activations of `training`, train and val together,
+    and validates on nothing. The top's layers are the base's own, so `model` (image in) holds
+    the trained weights and is saved."""
     import keras
 
     ft = cfg.finetune
     bottom, top = split
     preprocess = networks.preprocessing(cfg.model)
+    refit = cfg.finetune.refit
     with folders.scratch_dir(model_path.parent, "activations") as tmp:
         data = {}
-        for name in ("val",) if augmented else ("train", "val"):
-            images, labels = arrays.load_images(cfg, name)
+        for name in (() if augmented else ("train",)) + (() if refit else ("val",)):
+            images, labels = training if name == "train" else arrays.load_images(cfg, name)
             shape = networks.predict_to_file(
                 bottom, preprocess, images, cfg.train.batch_size, tmp / f"{name}.npy"
             )
@@ -169,12 +184,10 @@ def _fit_from_boundary(
             decay_steps=decay_steps,
             soft_labels=mixing.enabled(cfg.augment),
         )
-        x_val, y_val = data["val"]
-        val_data = arrays.batches(x_val, y_val, batch)
+        val_data = None if refit else arrays.batches(*data["val"], batch)
         if augmented:  # `model` trains on images; `top_and_head` shares its weights and validates
-            x_train, y_train = arrays.load_images(cfg, "train")
             train_data = arrays.batches(
-                x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
+                *training, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
             )
             train_data, val_data = mixing.apply(train_data, val_data, cfg.augment, n_classes, cfg.seed)
             validation = fit.validate_with(top_and_head, val_data)
