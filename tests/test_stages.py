@@ -123,25 +123,33 @@ AUGMENT = {"flip": "horizontal", "rotation": 0.1, "zoom": 0.2}
 NO_AUGMENT = {"flip": None, "rotation": 0.0, "zoom": 0.0}
 
 
+def finetune_config(cfg, tmp: Path, out: Path, augment: dict, **finetune_keys):
+    """The pipeline's config for a float32 finetune.run with `augment` and `finetune_keys`, its
+    models and reports under `out`, starting from the pipeline's head."""
+    from omegaconf import OmegaConf
+
+    run_cfg = OmegaConf.merge(
+        cfg,
+        {
+            "augment": augment,
+            "train": {"precision": "float32"},
+            "finetune": finetune_keys,
+            "paths": {"models": str(out / "models"), "reports": str(out / "reports")},
+        },
+    )
+    Path(run_cfg.paths.models).mkdir(parents=True)
+    shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
+    return run_cfg
+
+
 def finetune_both_ways(cfg, tmp: Path, out: Path, augmented: bool) -> dict:
     """finetune.run (2 epochs, float32) from the pipeline's head, with and without activations
     cached at the freeze boundary: cached -> (summary, history, config), after checking what
     the summary says was cached."""
-    from omegaconf import OmegaConf
-
     runs = {}
     for cached in (True, False):
-        run_cfg = OmegaConf.merge(
-            cfg,
-            {
-                "augment": AUGMENT if augmented else NO_AUGMENT,
-                "train": {"precision": "float32"},
-                "finetune": {"cached_activations": cached, "epochs": 2},
-                "paths": {"models": str(out / f"models_{cached}"), "reports": str(out / f"r_{cached}")},
-            },
-        )
-        Path(run_cfg.paths.models).mkdir()
-        shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
+        augment = AUGMENT if augmented else NO_AUGMENT
+        run_cfg = finetune_config(cfg, tmp, out / str(cached), augment, cached_activations=cached, epochs=2)
         summary = finetune.run(run_cfg)
         assert summary["cached_activations"] is (cached and not augmented)
         assert summary.get("cached_validation", False) is cached
@@ -179,23 +187,12 @@ def test_finetune_on_mixed_batches_trains_on_images_and_validates_unmixed(pipeli
     """`augment.mix` alone makes fine-tuning run on images (mixing needs them), validation still
     uses the cached activations of plain images, and the saved model scores as recorded."""
     import keras
-    from omegaconf import OmegaConf
 
     from src.data import arrays
     from src.stages import evaluate
 
     cfg, tmp, _ = pipeline
-    run_cfg = OmegaConf.merge(
-        cfg,
-        {
-            "augment": {**NO_AUGMENT, "mix": "cutmix"},
-            "train": {"precision": "float32"},
-            "finetune": {"epochs": 2},
-            "paths": {"models": str(tmp_path / "models"), "reports": str(tmp_path / "reports")},
-        },
-    )
-    Path(run_cfg.paths.models).mkdir()
-    shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
+    run_cfg = finetune_config(cfg, tmp, tmp_path, {**NO_AUGMENT, "mix": "cutmix"}, epochs=2)
     summary = finetune.run(run_cfg)
     assert summary["cached_activations"] is False and summary["cached_validation"] is True
     history = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
@@ -212,25 +209,14 @@ def test_a_refit_trains_on_train_and_val_and_keeps_the_last_epoch(pipeline, tmp_
     """`finetune.refit`: training runs on train + val (on cached boundary activations without
     augmentation, on images with it), validates on nothing and keeps the last epoch; evaluate
     then reports no validation accuracy, as the final model saw those images."""
-    from omegaconf import OmegaConf
-
     from src.data import arrays
     from src.stages import evaluate
 
     cfg, tmp, _ = pipeline
     losses = {}
     for refit in (False, True):
-        run_cfg = OmegaConf.merge(
-            cfg,
-            {
-                "augment": AUGMENT if augmented else NO_AUGMENT,
-                "train": {"precision": "float32"},
-                "finetune": {"epochs": 2, "refit": refit},
-                "paths": {"models": str(tmp_path / f"m_{refit}"), "reports": str(tmp_path / f"r_{refit}")},
-            },
-        )
-        Path(run_cfg.paths.models).mkdir()
-        shutil.copy(tmp / "work" / "models" / "head.keras", run_cfg.paths.models)
+        augment = AUGMENT if augmented else NO_AUGMENT
+        run_cfg = finetune_config(cfg, tmp, tmp_path / str(refit), augment, epochs=2, refit=refit)
         summary = stage.timed_run("finetune", finetune.run, run_cfg)
         history = pd.read_csv(Path(run_cfg.paths.reports) / "finetune" / "history.csv")
         losses[refit] = history.loss.iloc[0]
@@ -241,8 +227,11 @@ def test_a_refit_trains_on_train_and_val_and_keeps_the_last_epoch(pipeline, tmp_
     assert len(history) == 2 and history.val_loss.isna().all()
     assert losses[True] != pytest.approx(losses[False], rel=1e-3)  # other images, same seed
     assert evaluate.val_accuracy(run_cfg) is None  # not the head's: the final model saw val
-    if augmented:  # the whole evaluation, curves with empty val columns included
-        stage.timed_run("evaluate", evaluate.run, run_cfg)
+    if augmented:  # the whole evaluation, curves with empty val columns included, in a store of its own
+        from omegaconf import OmegaConf
+
+        store = {"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+        stage.timed_run("evaluate", evaluate.run, OmegaConf.merge(run_cfg, store))
         reports = Path(run_cfg.paths.reports)
         metrics = json.loads((reports / "metrics.json").read_text())
         assert "val" not in metrics and metrics["test"]["accuracy"] > 0.5
