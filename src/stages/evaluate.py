@@ -67,19 +67,15 @@ def stage_seconds(cfg: DictConfig) -> dict[str, float]:
 
 
 def val_accuracy(cfg: DictConfig) -> float | None:
-    """Validation accuracy of the final model: fine-tune's best epoch, else the head's; None
-    when neither trained an epoch (or the value is not a finite number), or when fine-tuning
-    was a refit that trained on the validation images."""
+    """Validation accuracy of the final model, from the last stage that trained an epoch
+    (fine-tune, else the head): its kept epoch's; None when neither trained, or when that stage
+    recorded none (a refit, which trained on the validation images) or no finite number."""
     for name in ("finetune", "train_head"):
         summary = stage.summary_path(cfg, name)
-        if summary.is_file():
-            recorded = json.loads(summary.read_text())
-            if recorded.get("refit"):
-                return None
-            best = recorded.get("best") or {}
+        best = (json.loads(summary.read_text()).get("best") or {}) if summary.is_file() else {}
+        if best.get("epoch") is not None:
             value = best.get("val_accuracy")
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                return float(value)
+            return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
     return None
 
 

@@ -104,9 +104,8 @@ def _fine_tune(cfg, chosen, head_model, model_dir: Path, history_path: Path, n_c
     augmented = networks.augmentation(cfg.augment, cfg.seed) is not None or soft
     # None for bases with branches (ResNet50): then every epoch runs the whole network; so does
     # an augmented refit, which has no validation to cache
-    split = (
-        networks.split_at(base, ft.layers) if ft.cached_activations and not (refit and augmented) else None
-    )
+    cacheable = ft.cached_activations and not (refit and augmented)
+    split = networks.split_at(base, ft.layers) if cacheable else None
     if split is None:
         train_data = arrays.batches(
             x_train, y_train, batch, shuffle=True, seed=cfg.seed, shard=distribute.shard()
@@ -163,7 +162,7 @@ def _fit_from_boundary(
     ft = cfg.finetune
     bottom, top = split
     preprocess = networks.preprocessing(cfg.model)
-    refit = cfg.finetune.refit
+    refit = ft.refit  # epochs > 0 here
     with folders.scratch_dir(model_path.parent, "activations") as tmp:
         data = {}
         for name in (() if augmented else ("train",)) + (() if refit else ("val",)):
