@@ -132,6 +132,9 @@ class BackboneConfig:
     weights: Optional[str] = "imagenet"  # noqa: UP045 - imagenet | null | a .weights.h5 path
     # the size its ImageNet weights were trained at: dataset.image_size unless a dataset sets its own
     image_size: int = field(default=224, metadata=_allowed(min=8, max=MAX_IMAGE_SIZE))
+    # per-image contrast normalisation before the backbone's own preprocessing: each image to zero
+    # mean and unit variance over its pixels (networks.preprocessing), for photos whose light varies
+    standardize: bool = False
 
 
 @dataclass
@@ -141,6 +144,7 @@ class ScratchCNNConfig:
     name: str = field(default=MISSING, metadata=_allowed(choices=SCRATCH_MODELS))
     weights: Optional[str] = None  # noqa: UP045
     image_size: int = field(default=180, metadata=_allowed(min=8, max=MAX_IMAGE_SIZE))  # dataset's default
+    standardize: bool = False  # per-image contrast normalisation, as for a pretrained base
     filters: list[int] = field(default_factory=lambda: [32, 64, 128])
     convs_per_block: int = field(default=2, metadata=_allowed(min=1))
     batchnorm: bool = True

@@ -83,17 +83,44 @@ def preprocessing(model_cfg: DictConfig):
 
     VGG16/ResNet50 ("caffe"): RGB -> BGR and ImageNet mean subtraction, done by a fixed 1x1
     convolution (a channel permutation plus bias), which equals `preprocess_input` exactly.
-    Xception ("tf"): scale to [-1, 1], as `xception.preprocess_input`. From scratch: [0, 1]."""
+    Xception ("tf"): scale to [-1, 1], as `xception.preprocess_input`. From scratch: [0, 1].
+    With `model.standardize`, each image is first normalised for contrast (`standardization`)."""
+    keras = _keras()
+    if not model_cfg.get("standardize"):
+        return _own_preprocessing(model_cfg, "preprocess")
+    own = _own_preprocessing(model_cfg, "backbone_preprocess")
+    return keras.Sequential([*standardization(), own], name="preprocess")
+
+
+def standardization() -> list:
+    """Per-image contrast normalisation on 0-255 pixels, as two stock layers: every image to zero
+    mean and unit variance over all its pixels and channels, then back to the 0-255 scale (mean
+    127.5, one standard deviation 64 levels) that a backbone's preprocessing expects. A dark or
+    washed-out photo comes out with the contrast of a well-lit one; uniform brightness changes
+    vanish. Computed in float32 under any precision policy."""
+    keras = _keras()
+    return [
+        # epsilon in squared grey levels, a tenth of a level's deviation: below 8-bit rounding
+        # noise, so a uniform image stays uniform and a dark one is stretched as much as it needs
+        keras.layers.LayerNormalization(
+            axis=(1, 2, 3), epsilon=0.01, center=False, scale=False, dtype="float32", name="standardize"
+        ),
+        keras.layers.Rescaling(64.0, offset=127.5, dtype="float32", name="standardize_scale"),
+    ]
+
+
+def _own_preprocessing(model_cfg: DictConfig, name: str):
+    """The model's own preprocessing layer (see `preprocessing`)."""
     keras = _keras()
     if model_cfg.name not in BACKBONES:
-        return keras.layers.Rescaling(1.0 / 255, name="preprocess")
+        return keras.layers.Rescaling(1.0 / 255, name=name)
     if model_cfg.name == "xception":
-        return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
+        return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name=name)
     flip = np.zeros((1, 1, 3, 3), dtype=np.float32)
     for out_channel, in_channel in enumerate((2, 1, 0)):  # output BGR from input RGB
         flip[0, 0, in_channel, out_channel] = 1.0
     bias = -np.array(CAFFE_BGR_MEANS, dtype=np.float32)
-    layer = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False)
+    layer = keras.layers.Conv2D(3, 1, name=name, trainable=False)
     layer.build((None, None, None, 3))
     layer.set_weights([flip, bias])
     return layer
