@@ -86,7 +86,7 @@ def preprocessing(model_cfg: DictConfig):
     Xception ("tf"): scale to [-1, 1], as `xception.preprocess_input`. From scratch: [0, 1].
     With `model.standardize`, each image is first normalised for contrast (`standardization`)."""
     keras = _keras()
-    if not model_cfg.get("standardize"):
+    if not model_cfg.standardize:
         return _own_preprocessing(model_cfg, "preprocess")
     own = _own_preprocessing(model_cfg, "backbone_preprocess")
     return keras.Sequential([*standardization(), own], name="preprocess")
