@@ -167,7 +167,11 @@ def augmentation(augment_cfg: DictConfig, seed: int):
     if augment_cfg.translate:
         layers.append(keras.layers.RandomTranslation(augment_cfg.translate, augment_cfg.translate, seed=seed))
     if augment_cfg.shear:
-        layers.append(keras.layers.RandomShear(augment_cfg.shear, augment_cfg.shear, seed=seed))
+        # (0, s) rather than s: the layer flips the sign at random, so the shear is as symmetric,
+        # and the range is one that its config can be rebuilt from (a number s is stored as
+        # (-s, s), which loading a saved model then refuses)
+        shear = (0.0, augment_cfg.shear)
+        layers.append(keras.layers.RandomShear(shear, shear, seed=seed))
     if augment_cfg.zoom:
         layers.append(keras.layers.RandomZoom(augment_cfg.zoom, seed=seed))
     if augment_cfg.brightness:  # on 0-255 pixels: the layers come before the backbone's preprocessing
