@@ -80,14 +80,11 @@ def test_a_model_with_it_reloads_without_custom_objects_and_exports_alike(tmp_pa
     from src.exporting import convert, device, runtimes
 
     keras.utils.set_random_seed(0)
-    model_config = model_cfg("vgg16", True)
-    base = networks.conv_base(model_config, 32)
-    head_cfg = OmegaConf.create({"pooling": "avg", "units": [8], "activation": "relu", "dropout": 0.0,
-                                 "batchnorm": False})  # fmt: skip
-    head = networks.head(head_cfg, base.output_shape[1:], 3)
-    augment = OmegaConf.create({"flip": None, "rotation": 0.0, "translate": 0.0, "shear": 0.0, "zoom": 0.0,
-                                "brightness": 0.0, "contrast": 0.0})  # fmt: skip
-    model = networks.full_model(base, head, model_config, augment, seed=0)
+    cfg = compose(["model=vgg16", "model.weights=null", "model.standardize=true", "augment=none",
+                   "head.units=[8]", "head.dropout=0"])  # fmt: skip
+    base = networks.conv_base(cfg.model, 32)
+    head = networks.head(cfg.head, base.output_shape[1:], 3)
+    model = networks.full_model(base, head, cfg.model, cfg.augment, seed=0)
     images = signs()
     expected = model.predict(images, verbose=0)
     model.save(tmp_path / "model.keras")
