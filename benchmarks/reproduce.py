@@ -112,6 +112,8 @@ def run_preset(preset: str, folder: Path, weights: str | None, work: Path, extra
         "test": metrics["test"]["accuracy"],
         "head_test": (metrics.get("head_test") or {}).get("accuracy"),
         "val": (metrics.get("val") or {}).get("accuracy"),
+        "test_tta": (metrics.get("test_tta") or {}).get("accuracy"),  # evaluate.tta_views > 0
+        "tta_views": (metrics.get("test_tta") or {}).get("views"),
         "ece": metrics.get("test", {}).get("ece", metrics.get("ece")),
         "seconds": seconds,
         "wall": wall,
@@ -125,7 +127,8 @@ def pct(value: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["preset", "reference", "test", "head only", "val", "images (train/val/test)"]
+    head = ["preset", "reference", "test", "test, views averaged", "head only", "val"]
+    head += ["images (train/val/test)"]
     head += [f"{s} s" for s in STAGES] + ["total s", "precision", "settings"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -135,7 +138,9 @@ def table(rows: list[dict]) -> str:
             )
             continue
         counts = "/".join(str(r["counts"].get(s, "")) for s in ("train", "val", "test"))
-        cells = [r["preset"], r["reference"], pct(r["test"]), pct(r["head_test"]), pct(r["val"]), counts]
+        averaged = f"{pct(r['test_tta'])} ({r['tta_views']} views)" if r.get("test_tta") is not None else ""
+        cells = [r["preset"], r["reference"], pct(r["test"]), averaged, pct(r["head_test"]), pct(r["val"])]
+        cells.append(counts)
         cells += [f"{r['seconds'].get(s) or 0:.0f}" for s in STAGES]
         cells += [f"{r['wall']:.0f}", r["precision"], r["settings"] or "preset as is"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -195,11 +200,13 @@ def main() -> None:
     with open(args.out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["preset", "reference", "test", "head_test", "val", *STAGES, "total", "precision", "settings"]
+            ["preset", "reference", "test", "test_tta", "tta_views", "head_test", "val"]
+            + [*STAGES, "total", "precision", "settings"]
         )
         for r in rows:
             writer.writerow(
-                [r["preset"], r["reference"], r.get("test"), r.get("head_test"), r.get("val")]
+                [r["preset"], r["reference"], r.get("test"), r.get("test_tta"), r.get("tta_views")]
+                + [r.get("head_test"), r.get("val")]
                 + [(r.get("seconds") or {}).get(s) for s in STAGES]
                 + [round(r["wall"], 1), r.get("precision"), r["settings"]]
             )

@@ -18,6 +18,11 @@ probabilities are calibrated with it: from the `temperature.json` beside a `.ker
 for an MLflow model, from its metadata or the `temperature` metric of the run that logged it.
 The class is the same either way; a note on stderr names the temperature applied.
 
+`--views N` averages each image's probabilities with those of N augmented views of it, drawn by
+the model's own augmentation block (test-time augmentation, as `evaluate.tta_views` measures it);
+for a Keras model trained with augmentation. The temperature, fitted on single views, is then
+not applied.
+
 Takes any number of image files and folders. Prints `path<TAB>class<TAB>probability` for each
 readable image. Files that cannot be decoded
 are listed on stderr (`skipped <path>: <reason>`) and the others still classified; under a
@@ -32,6 +37,7 @@ import sys
 from pathlib import Path
 
 from src.errors import ConfigError
+from src.evaluation.views import augmentation_block
 from src.exporting.device import read_classes
 from src.exporting.runtimes import EXPORTED_SUFFIXES, ExportedModel
 from src.images.decode import IMAGE_SUFFIXES
@@ -54,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", type=Path, metavar="target", help="image files and folders")
     parser.add_argument("--model", help="a .keras file or an MLflow model URI (default: models/final.keras)")
+    parser.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        choices=range(0, 65),
+        metavar="N",
+        help="average each image with N augmented views (0-64; a Keras model trained with augmentation)",
+    )
     args = parser.parse_args(argv)
     console.setup_logging()
     files: list[Path] = []
@@ -72,13 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, classes = load_model(args.model)
             temperature = load_temperature(args.model)
+        if args.views and augmentation_block(model) is None:
+            raise ModelError(
+                f"--views needs a Keras model with an augmentation block; {args.model or 'the final model'} "
+                "has none (exported files never do, and a model trained with every augment.* off has none); "
+                "leave out --views"
+            )
     except (FileNotFoundError, ModelError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if temperature is not None and args.views:
+        note = f"note: temperature {temperature:.4g} not applied: it was fitted on single views"
+        print(note, file=sys.stderr)
+        temperature = None
     if temperature is not None:
         print(f"note: probabilities calibrated with temperature {temperature:.4g}", file=sys.stderr)
     skipped: list[tuple[Path, str]] = []
-    rows = predict(model, classes, files, skipped=skipped, temperature=temperature)
+    rows = predict(model, classes, files, skipped=skipped, temperature=temperature, views=args.views)
     for row in rows:
         print(f"{row['path']}\t{row['class']}\t{row['probability']:.4f}")
     for path, reason in skipped:

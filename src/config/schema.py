@@ -216,6 +216,9 @@ class TrainConfig:
 class EvaluateConfig:
     bins: int = field(default=15, metadata=_allowed(min=1, max=1000))
     temperature_scaling: bool = False
+    # test-time augmentation: also score the test (and validation) images averaged with this many
+    # views drawn by the model's own augmentation block (src/evaluation/views.py); 0 = off
+    tta_views: int = field(default=0, metadata=_allowed(min=0, max=64))
 
 
 EXPORT_FORMATS = ("onnx", "tflite_float", "tflite_int8")  # see src/exporting/

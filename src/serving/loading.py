@@ -17,6 +17,7 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 
 from src.evaluation.calibration import TEMPERATURE_FILE, apply_temperature, as_matrix
+from src.evaluation.views import averaged_probabilities
 from src.images.decode import IMAGE_SUFFIXES, load_rgb, natural_key
 from src.images.files import walk_files
 
@@ -223,10 +224,15 @@ def read_images(files: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
     return [p for p, _ in good], images, bad
 
 
-def class_probabilities(model, images: np.ndarray, temperature: float | None = None) -> np.ndarray:
+def class_probabilities(
+    model, images: np.ndarray, temperature: float | None = None, views: int = 0
+) -> np.ndarray:
     """The (N, n_classes) probabilities `model` gives uint8 `images` (N, size, size, 3),
-    calibrated with `temperature` when one is given."""
+    averaged with `views` augmented views of each (a Keras model with an augmentation block:
+    src/evaluation/views.py), calibrated with `temperature` when one is given."""
     probs = as_matrix(model.predict(images.astype(np.float32), verbose=0))  # a sigmoid output: 2 columns
+    if views:
+        probs = averaged_probabilities(model, images, probs, views, len(images))
     return probs if temperature is None else apply_temperature(probs, temperature)
 
 
@@ -237,10 +243,12 @@ def predict(
     batch_size: int = 32,
     skipped: list[tuple[Path, str]] | None = None,
     temperature: float | None = None,
+    views: int = 0,
 ) -> list[dict]:
     """Class, its probability and every class's probability (`probabilities`, in class order)
-    for each readable image file, in order, calibrated with `temperature` when one is given
-    (`load_temperature`). Unreadable files are left out and appended to `skipped` as (path, reason)."""
+    for each readable image file, in order, averaged over the image and `views` augmented views
+    of it, calibrated with `temperature` when one is given (`load_temperature`). Unreadable
+    files are left out and appended to `skipped` as (path, reason)."""
     size = model.input_shape[1]
     results = []
     for start in range(0, len(files), batch_size):
@@ -249,7 +257,7 @@ def predict(
             skipped.extend(bad)
         if not paths:
             continue
-        for path, p in zip(paths, class_probabilities(model, batch, temperature)):
+        for path, p in zip(paths, class_probabilities(model, batch, temperature, views)):
             best = int(p.argmax())
             results.append(
                 {"path": str(path), "class": classes[best], "probability": float(p[best]), "probabilities": p}

@@ -12,6 +12,12 @@ With `evaluate.temperature_scaling`, one temperature is fitted on the validation
 predictions of the final model and saved as `<paths.models>/temperature.json` (which
 `src.predict` applies); the test ECE and NLL after scaling join the metrics. Without it, a
 `temperature.json` left by an earlier run is removed.
+
+With `evaluate.tta_views` = k > 0, the test (and validation) images are also scored with
+test-time augmentation: each image's probabilities averaged with those of k views drawn by the
+model's own augmentation block (`src/evaluation/views.py`). They join the metrics as `test_tta`
+and `val_tta`; `test` and every plot stay the single-view predictions that `src.predict`, the
+served and the exported models give.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from src import errors
 from src.config.checks import is_pretrained
 from src.config.paths import resolve_path
 from src.data import arrays
-from src.evaluation import calibration, classification, plots
+from src.evaluation import calibration, classification, plots, views
 from src.evaluation.calibration import TEMPERATURE_FILE
 from src.models import networks
 from src.outputs import atomic
@@ -113,6 +119,39 @@ def fit_temperature(model, images: np.ndarray, y: np.ndarray, n_classes: int, ba
     return temperature
 
 
+def test_time_augmentation(
+    cfg: DictConfig, model, images: np.ndarray, y: np.ndarray, probs: np.ndarray, n_classes: int
+) -> dict:
+    """`test_tta` (accuracy, NLL, ECE of the test probabilities averaged over the image and
+    `evaluate.tta_views` augmented views) and, when the validation split holds images, `val_tta`
+    (its accuracy: the number of views is chosen on it, not on the test images)."""
+    k, batch_size = cfg.evaluate.tta_views, cfg.train.batch_size
+    averaged = views.averaged_probabilities(model, images, probs, k, batch_size)
+    metrics = {
+        "test_tta": {
+            "accuracy": round(float(np.mean(averaged.argmax(axis=1) == y)), 6),
+            "loss": round(calibration.negative_log_likelihood(averaged, y), 6),
+            "ece": round(calibration.expected_calibration_error(averaged, y, cfg.evaluate.bins), 6),
+            "views": k,
+        }
+    }
+    val_images, y_val = arrays.load_images(cfg, "val")
+    if len(val_images):
+        _, val_probs = score(model, val_images, y_val, n_classes, batch_size)
+        val_averaged = views.averaged_probabilities(model, val_images, val_probs, k, batch_size)
+        metrics["val_tta"] = {
+            "accuracy": round(float(np.mean(val_averaged.argmax(axis=1) == y_val)), 6),
+            "single_view_accuracy": round(float(np.mean(val_probs.argmax(axis=1) == y_val)), 6),
+        }
+    log.info(
+        "test accuracy with %d augmented views averaged: %.4f (validation: %s)",
+        k,
+        metrics["test_tta"]["accuracy"],
+        metrics.get("val_tta", {}).get("accuracy", "n/a"),
+    )
+    return metrics
+
+
 @stage.reads(
     "preset", "evaluate", "tracking", "train.batch_size", "dataset.image_size", "head.epochs", "model.name",
     "paths.prepared", "paths.features", "paths.models", "paths.reports",
@@ -140,8 +179,17 @@ def run(cfg: DictConfig) -> dict:
         features, y_feat = arrays.load_features(cfg, "test")
         require_images(features, "test", resolve_path(cfg.paths.features))
     final_model = keras.saving.load_model(model_dir / "final.keras", compile=False)
+    tta_views = cfg.evaluate.tta_views
+    if tta_views and views.augmentation_block(final_model) is None:  # refused before any scoring
+        raise errors.StageError(
+            f"evaluate.tta_views needs a model with an augmentation block, but {model_dir / 'final.keras'} "
+            "has none (it was trained with every augment.* option off); set evaluate.tta_views=0, or "
+            "train with augmentation (augment.rotation, augment.zoom, ...)"
+        )
     test, probs = score(final_model, images, y, n, cfg.train.batch_size)
     metrics = {"test": test}
+    if tta_views:
+        metrics.update(test_time_augmentation(cfg, final_model, images, y, probs, n))
     if is_pretrained(cfg) and cfg.head.epochs > 0:  # an untrained head's score says nothing
         head_model = keras.saving.load_model(model_dir / "head.keras", compile=False)
         metrics["head_test"], _ = score(head_model, features, y_feat, n, cfg.train.batch_size)
@@ -203,10 +251,14 @@ def run(cfg: DictConfig) -> dict:
         "per_class": per_class,
         "misclassified": n_wrong,
         "temperature": metrics.get("temperature"),
+        "test_tta": metrics.get("test_tta"),
+        "val_tta": metrics.get("val_tta"),
     }
     if cfg.tracking.enabled:
         flat = {f"test.{k}": v for k, v in test.items()}
         flat.update({f"head_test.{k}": v for k, v in metrics.get("head_test", {}).items()})
+        for section in ("test_tta", "val_tta"):
+            flat.update({f"{section}.{k}": v for k, v in metrics.get(section, {}).items()})
         flat["test.macro_f1"] = metrics["macro_f1"]
         if "val" in metrics:
             flat["val.accuracy"] = metrics["val"]["accuracy"]
