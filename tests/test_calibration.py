@@ -169,17 +169,15 @@ def write_split(folder: Path, split: str, per_class: int, rng: np.random.Generat
     np.save(folder / f"labels_{split}.npy", labels)
 
 
-def evaluated(tmp_path: Path, *overrides: str):
-    """A real over-confident model and prepared val/test arrays; evaluate run with temperature
-    scaling; (config, evaluate's result)."""
+def prepared_with_model(tmp_path: Path, save_model, *overrides: str):
+    """Prepared val/test arrays of dark and bright images (every 5th label flipped) and the final
+    model `save_model(path)` writes, for the evaluate stage of a small config; the config."""
     cfg = compose(
         [
             "model=small_cnn",
             "model.weights=null",
             "finetune=none",
             f"dataset.image_size={SIZE}",
-            "evaluate.temperature_scaling=true",
-            "evaluate.bins=10",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "tracking.registered_model=null",
             *path_overrides(tmp_path / "work"),
@@ -198,8 +196,16 @@ def evaluated(tmp_path: Path, *overrides: str):
     (prepared / "info.json").write_text(json.dumps({"classes": CLASSES, "fingerprint": "0123abcd"}))
     models_dir = Path(cfg.paths.models)
     models_dir.mkdir(parents=True)
-    brightness_model().save(models_dir / "final.keras")
+    save_model(models_dir / "final.keras")
     (models_dir / "classes.json").write_text(json.dumps(CLASSES))
+    return cfg
+
+
+def evaluated(tmp_path: Path, *overrides: str):
+    """A real over-confident model and prepared val/test arrays; evaluate run with temperature
+    scaling; (config, evaluate's result)."""
+    scaled = ("evaluate.temperature_scaling=true", "evaluate.bins=10")
+    cfg = prepared_with_model(tmp_path, lambda path: brightness_model().save(path), *scaled, *overrides)
     return cfg, evaluate.run(cfg)
 
 

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from src import errors
@@ -18,8 +17,7 @@ from src.errors import ConfigError
 from src.evaluation import views
 from src.models import networks
 from src.stages import evaluate
-from tests.conftest import path_overrides
-from tests.test_calibration import CLASSES, SIZE, brightness_model, images_of, write_split
+from tests.test_calibration import CLASSES, SIZE, brightness_model, images_of, prepared_with_model
 
 
 def augmented_brightness_model(path: Path):
@@ -70,41 +68,10 @@ def test_views_average_the_image_and_augmented_views_drawn_by_its_own_block(tmp_
     assert np.allclose(views.averaged_probabilities(again, images, single, 4, 10), averaged, atol=1e-6)
 
 
-def prepared(tmp_path: Path, model, *overrides: str):
-    """Prepared val/test arrays of bright and dark images (every 5th label flipped) and `model`
-    as the final model; the composed config."""
-    cfg = compose(
-        [
-            "model=small_cnn",
-            "model.weights=null",
-            "finetune=none",
-            f"dataset.image_size={SIZE}",
-            "tracking.registered_model=null",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            *path_overrides(tmp_path / "work"),
-            *overrides,
-        ]
-    )
-    folder = Path(cfg.paths.prepared)
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    write_split(folder, "val", 40, rng)
-    write_split(folder, "test", 50, rng)
-    (folder / "classes.json").write_text(json.dumps(CLASSES))
-    counts = pd.DataFrame({"train": 0, "val": 40, "test": 50}, index=pd.Index(CLASSES, name="class"))
-    counts.to_csv(folder / "counts.csv")
-    pd.DataFrame(columns=["split", "path", "reason"]).to_csv(folder / "skipped.csv", index=False)
-    (folder / "info.json").write_text(json.dumps({"classes": CLASSES, "fingerprint": "0123abcd"}))
-    models = Path(cfg.paths.models)
-    models.mkdir(parents=True)
-    model(models / "final.keras")
-    return cfg
-
-
 def test_evaluate_reports_averaged_views_beside_the_single_view(tmp_path):
     from mlflow import MlflowClient
 
-    cfg = prepared(tmp_path, augmented_brightness_model, "evaluate.tta_views=3")
+    cfg = prepared_with_model(tmp_path, augmented_brightness_model, "evaluate.tta_views=3")
     result = evaluate.run(cfg)
     metrics = json.loads((Path(cfg.paths.reports) / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] == pytest.approx(0.8)  # the single view, as served
@@ -127,7 +94,7 @@ def test_evaluate_reports_averaged_views_beside_the_single_view(tmp_path):
 
 
 def test_a_model_without_augmentation_is_refused_before_scoring(tmp_path):
-    cfg = prepared(tmp_path, lambda path: brightness_model().save(path), "evaluate.tta_views=2")
+    cfg = prepared_with_model(tmp_path, lambda path: brightness_model().save(path), "evaluate.tta_views=2")
     with pytest.raises(errors.StageError, match=r"evaluate\.tta_views=0.*augment\.rotation"):
         evaluate.run(cfg)
     assert not (Path(cfg.paths.reports) / "metrics.json").exists()
