@@ -85,9 +85,14 @@ def test_evaluate_reports_averaged_views_beside_the_single_view(tmp_path):
     assert run.data.metrics["test_tta.accuracy"] == pytest.approx(tta["accuracy"])
     assert run.data.metrics["test_tta.views"] == 3
 
+    # after a refit the validation images were trained on: no val_tta to choose by
+    cfg.tracking.enabled = False
+    (Path(cfg.paths.reports) / "finetune.json").write_text(json.dumps({"refit": True, "best": {}}))
+    refit = evaluate.run(cfg)
+    assert refit["val_tta"] is None and refit["test_tta"] == tta
+
     # off: no averaged metrics, the single view unchanged
     cfg.evaluate.tta_views = 0
-    cfg.tracking.enabled = False
     plain = evaluate.run(cfg)
     assert plain["test_tta"] is None and plain["test"] == result["test"]
     assert "test_tta" not in json.loads((Path(cfg.paths.reports) / "metrics.json").read_text())

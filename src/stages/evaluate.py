@@ -85,6 +85,12 @@ def val_accuracy(cfg: DictConfig) -> float | None:
     return None
 
 
+def refitted(cfg: DictConfig) -> bool:
+    """Whether fine-tuning trained on the validation images too (`finetune.refit`), by its summary."""
+    summary = stage.summary_path(cfg, "finetune")
+    return summary.is_file() and bool(json.loads(summary.read_text()).get("refit"))
+
+
 def require_images(array: np.ndarray, split: str, folder: Path) -> None:
     """Refuse to evaluate on an empty split, naming it and where it was read from."""
     if len(array) == 0:
@@ -119,12 +125,13 @@ def fit_temperature(model, images: np.ndarray, y: np.ndarray, n_classes: int, ba
     return temperature
 
 
-def test_time_augmentation(
+def averaged_view_metrics(
     cfg: DictConfig, model, images: np.ndarray, y: np.ndarray, probs: np.ndarray, n_classes: int
 ) -> dict:
     """`test_tta` (accuracy, NLL, ECE of the test probabilities averaged over the image and
-    `evaluate.tta_views` augmented views) and, when the validation split holds images, `val_tta`
-    (its accuracy: the number of views is chosen on it, not on the test images)."""
+    `evaluate.tta_views` augmented views) and, when the validation split holds images that
+    training only selected by (not after a refit), `val_tta` (its accuracy: the number of views
+    is chosen on it, not on the test images)."""
     k, batch_size = cfg.evaluate.tta_views, cfg.train.batch_size
     averaged = views.averaged_probabilities(model, images, probs, k, batch_size)
     metrics = {
@@ -136,7 +143,7 @@ def test_time_augmentation(
         }
     }
     val_images, y_val = arrays.load_images(cfg, "val")
-    if len(val_images):
+    if len(val_images) and not refitted(cfg):
         _, val_probs = score(model, val_images, y_val, n_classes, batch_size)
         val_averaged = views.averaged_probabilities(model, val_images, val_probs, k, batch_size)
         metrics["val_tta"] = {
@@ -189,7 +196,7 @@ def run(cfg: DictConfig) -> dict:
     test, probs = score(final_model, images, y, n, cfg.train.batch_size)
     metrics = {"test": test}
     if tta_views:
-        metrics.update(test_time_augmentation(cfg, final_model, images, y, probs, n))
+        metrics.update(averaged_view_metrics(cfg, final_model, images, y, probs, n))
     if is_pretrained(cfg) and cfg.head.epochs > 0:  # an untrained head's score says nothing
         head_model = keras.saving.load_model(model_dir / "head.keras", compile=False)
         metrics["head_test"], _ = score(head_model, features, y_feat, n, cfg.train.batch_size)
