@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 TIMED_STAGES = ("download", "prepare", "extract", "train_head", "finetune")
 
 
+def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
+    """The fraction of rows of `probs` whose most probable class is the label in `y`."""
+    return float(np.mean(probs.argmax(axis=1) == y))
+
+
 def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) -> tuple[dict, np.ndarray]:
     """Loss and accuracy of `model` on (x, y), and its (N, n_classes) probabilities."""
     import keras
@@ -58,8 +63,7 @@ def score(model, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int) 
     loss_fn = keras.losses.get(loss_name)
     y_true = y.astype(np.float32).reshape(-1, 1) if n_classes == 2 else y
     loss = float(np.mean(keras.ops.convert_to_numpy(loss_fn(y_true, raw))))
-    accuracy = float(np.mean(probs.argmax(axis=1) == y))
-    return {"accuracy": round(accuracy, 6), "loss": round(loss, 6)}, probs
+    return {"accuracy": round(accuracy(probs, y), 6), "loss": round(loss, 6)}, probs
 
 
 def stage_seconds(cfg: DictConfig) -> dict[str, float]:
@@ -136,7 +140,7 @@ def averaged_view_metrics(
     averaged = views.averaged_probabilities(model, images, probs, k, batch_size)
     metrics = {
         "test_tta": {
-            "accuracy": round(float(np.mean(averaged.argmax(axis=1) == y)), 6),
+            "accuracy": round(accuracy(averaged, y), 6),
             "loss": round(calibration.negative_log_likelihood(averaged, y), 6),
             "ece": round(calibration.expected_calibration_error(averaged, y, cfg.evaluate.bins), 6),
             "views": k,
@@ -147,8 +151,8 @@ def averaged_view_metrics(
         _, val_probs = score(model, val_images, y_val, n_classes, batch_size)
         val_averaged = views.averaged_probabilities(model, val_images, val_probs, k, batch_size)
         metrics["val_tta"] = {
-            "accuracy": round(float(np.mean(val_averaged.argmax(axis=1) == y_val)), 6),
-            "single_view_accuracy": round(float(np.mean(val_probs.argmax(axis=1) == y_val)), 6),
+            "accuracy": round(accuracy(val_averaged, y_val), 6),
+            "single_view_accuracy": round(accuracy(val_probs, y_val), 6),
         }
     log.info(
         "test accuracy with %d augmented views averaged: %.4f (validation: %s)",
