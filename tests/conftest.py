@@ -65,6 +65,20 @@ def path_overrides(work: Path) -> list[str]:
     return [f"paths.{key}={work / key}" for key in PATH_KEYS]
 
 
+def scratch_overrides(tmp_path: Path, size: int) -> list[str]:
+    """Overrides for the small CNN trained from scratch (no weights, features or fine-tuning) at
+    `size` px, with every output and a private MLflow store (no registered model) under tmp_path."""
+    return [
+        "model=small_cnn",
+        "model.weights=null",
+        "finetune=none",
+        f"dataset.image_size={size}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.registered_model=null",
+        *path_overrides(tmp_path / "work"),
+    ]
+
+
 def small_images(root: Path, dataset: str = "folder") -> list[str]:
     """Overrides reading `root` as `dataset` at 32 px, for the stages before any model: VGG16, as
     the folder default Xception needs 71 px."""

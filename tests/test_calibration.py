@@ -17,7 +17,7 @@ from src.config.compose import compose
 from src.evaluation import calibration
 from src.serving import loading
 from src.stages import evaluate
-from tests.conftest import path_overrides
+from tests.conftest import scratch_overrides
 
 SIZE = 16
 CLASSES = ["cats", "dogs"]
@@ -172,18 +172,7 @@ def write_split(folder: Path, split: str, per_class: int, rng: np.random.Generat
 def prepared_with_model(tmp_path: Path, save_model, *overrides: str):
     """Prepared val/test arrays of dark and bright images (every 5th label flipped) and the final
     model `save_model(path)` writes, for the evaluate stage of a small config; the config."""
-    cfg = compose(
-        [
-            "model=small_cnn",
-            "model.weights=null",
-            "finetune=none",
-            f"dataset.image_size={SIZE}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "tracking.registered_model=null",
-            *path_overrides(tmp_path / "work"),
-            *overrides,
-        ]
-    )
+    cfg = compose([*scratch_overrides(tmp_path, SIZE), *overrides])
     prepared = Path(cfg.paths.prepared)
     prepared.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from src.config.compose import compose
 from src.errors import StageError
 from src.stages import evaluate
 from src.tracking import pipeline_run, store
-from tests.conftest import path_overrides
+from tests.conftest import scratch_overrides
 
 SIZE = 16
 AWKWARD = ["cats", "dogs, big (2)", "a,b", "a(b", "a_b"]
@@ -38,18 +38,7 @@ def tiny_model(n_classes: int):
 def scratch_cfg(tmp_path: Path, *overrides: str):
     """The from-scratch model (no features) with every output and the MLflow store (with its
     artifacts, rather than in the working directory's mlruns/) under tmp_path."""
-    cfg = compose(
-        [
-            "model=small_cnn",
-            "model.weights=null",
-            "finetune=none",
-            f"dataset.image_size={SIZE}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "tracking.registered_model=null",
-            *path_overrides(tmp_path / "work"),
-            *overrides,
-        ]
-    )
+    cfg = compose([*scratch_overrides(tmp_path, SIZE), *overrides])
     if cfg.tracking.enabled:
         import mlflow
 
