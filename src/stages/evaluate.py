@@ -70,9 +70,9 @@ def stage_seconds(cfg: DictConfig) -> dict[str, float]:
     """Wall time of each earlier stage's last run, from its summary in reports/."""
     seconds = {}
     for name in TIMED_STAGES:
-        summary = stage.summary_path(cfg, name)
-        if summary.is_file():
-            seconds[name] = float(json.loads(summary.read_text()).get("seconds", 0))
+        summary = stage.read_summary(cfg, name)
+        if summary:
+            seconds[name] = float(summary.get("seconds", 0))
     return seconds
 
 
@@ -81,8 +81,7 @@ def val_accuracy(cfg: DictConfig) -> float | None:
     (fine-tune, else the head): its kept epoch's; None when neither trained, or when that stage
     recorded none (a refit, which trained on the validation images) or no finite number."""
     for name in ("finetune", "train_head"):
-        summary = stage.summary_path(cfg, name)
-        best = (json.loads(summary.read_text()).get("best") or {}) if summary.is_file() else {}
+        best = stage.read_summary(cfg, name).get("best") or {}
         if best.get("epoch") is not None:
             value = best.get("val_accuracy")
             return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
@@ -91,8 +90,7 @@ def val_accuracy(cfg: DictConfig) -> float | None:
 
 def refitted(cfg: DictConfig) -> bool:
     """Whether fine-tuning trained on the validation images too (`finetune.refit`), by its summary."""
-    summary = stage.summary_path(cfg, "finetune")
-    return summary.is_file() and bool(json.loads(summary.read_text()).get("refit"))
+    return bool(stage.read_summary(cfg, "finetune").get("refit"))
 
 
 def require_images(array: np.ndarray, split: str, folder: Path) -> None:

@@ -7,6 +7,7 @@ and ends with `if __name__ == "__main__": stage.main("<name>", run)`."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 import time
@@ -78,6 +79,12 @@ def reads(
 def summary_path(cfg: DictConfig, name: str) -> Path:
     """Where a stage's summary (counts, timings) goes: `reports/<stage>.json`."""
     return resolve_path(cfg.paths.reports) / f"{name}.json"
+
+
+def read_summary(cfg: DictConfig, name: str) -> dict:
+    """A stage's last summary (`summary_path`), or {} when it has not run."""
+    path = summary_path(cfg, name)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def clean_outputs(cfg: DictConfig) -> list[Path]:
